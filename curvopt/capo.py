@@ -1,0 +1,251 @@
+"""CAPO: the one-line optimizer wrapper."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .directions import unwrap_optimizer
+from .quadratic import Fisher, Level
+from .rejector import Rule, SampleRejector, Selection
+from .tracker import CurvatureTracker, Direction
+
+__all__ = ["CAPO"]
+
+_LIFETIME = ("steps", "skipped_steps")
+
+
+class CAPO(torch.optim.Optimizer):
+    r"""Curvature-Aware Policy Optimization around any supported optimizer.
+
+    Wraps ``optimizer`` (sharing its ``param_groups``, ``state`` and ``defaults``, so schedulers,
+    ``GradScaler``, ``zero_grad``, ``add_param_group`` and checkpoints work unchanged) and adds
+    :meth:`select`, which masks out the tokens whose update the quadratic model predicts to be
+    unsafe (Melo, Abate, Gal, ICLR 2026)::
+
+        opt = CAPO(torch.optim.AdamW(model.parameters(), lr=1e-5), head=model.lm_head)
+        keep = opt.select(hidden, actions, advantages, mask)   # bool [B, T], keep ⊆ mask
+        loss = policy_loss(logps, advantages, mask=keep)       # kept tokens only
+        loss.backward(); opt.step(); opt.zero_grad()
+
+    The algorithm of one step::
+
+        for micro-batch: keep ← mask; for level in levels:          (select)
+                             m_H, m_F ← quadratic model of each candidate on keep
+                             keep ← keep ∧ rule(m_H, m_F)
+        if select was called and no token was kept since the last step:   (step)
+            skip the inner step (Δθ = 0: no decay, no momentum), skipped_steps += 1
+        else:
+            optimizer.step()
+
+    Args:
+        optimizer: the optimizer to wrap (``torch.optim.SGD/Adam/AdamW`` for directions
+            ``"exact"``/``"frozen"``; any optimizer with ``"shadow"``). An optimizer wrapped by
+            accelerate is stepped through its wrapper and read through its ``.optimizer``.
+        head: the output layer (``model.lm_head``); its parameters must be in ``optimizer``.
+        rule, delta_h, delta_f, levels: see :class:`~curvopt.SampleRejector`.
+        top_k, fisher, direction: see :class:`~curvopt.CurvatureTracker`.
+        track_realised: after each step, measure the head update's exact KL on the kept tokens
+            (``stats["policy_shift_realised"]``) beside its quadratic model
+            (``stats["policy_shift_step_model"]``); costs two logits products and a copy of the
+            head's parameters.
+
+    Statistics (``opt.stats``, floats). A *window* is everything between two ``step()`` calls;
+    the first ``select`` after a step starts a new one, so ``stats`` still describes the last
+    step after ``step()`` returns. Per window:
+
+    - ``tokens``, ``kept_tokens``: masked-in and kept tokens over all ``select`` calls;
+      ``rejected_frac = 1 − kept_tokens / tokens`` (0 with no tokens);
+    - ``objective_shift_mean``, ``policy_shift_mean``: mean m_H and m_F over the candidates of the
+      first level in ``levels``;
+    - per level L: ``L_candidates``, ``L_rejected``, ``L_objective_shift_mean``,
+      ``L_policy_shift_mean`` (levels after the first see only the survivors);
+    - with ``track_realised``, after ``step()``: ``policy_shift_realised``,
+      ``policy_shift_step_model`` (means over the kept tokens).
+
+    Lifetime counters, saved in ``state_dict``: ``steps`` (inner steps taken) and
+    ``skipped_steps``.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        head: nn.Module,
+        *,
+        rule: Rule = "theorem",
+        delta_h: float = 0.0,
+        delta_f: float = 1e-4,
+        levels: Sequence[Level] = ("token",),
+        top_k: int | None = None,
+        fisher: Fisher = "empirical",
+        direction: Direction = "frozen",
+        track_realised: bool = False,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        self.rejector = SampleRejector(rule, delta_h, delta_f, levels)
+        self.tracker = CurvatureTracker(
+            head, optimizer, top_k=top_k, fisher=fisher, direction=direction
+        )
+        base = unwrap_optimizer(optimizer)
+        super().__init__([dict(g) for g in base.param_groups], base.defaults)
+        self.optimizer = optimizer
+        self._alias()
+        self.track_realised = bool(track_realised)
+        self._counters = dict.fromkeys(_LIFETIME, 0)
+        self._window: dict[str, Tensor] | None = None
+        self._open = False
+        self._kept_hidden: list[Tensor] = []
+        self._realised: dict[str, float] = {}
+
+    def _alias(self) -> None:
+        self.param_groups = self.optimizer.param_groups
+        self.defaults = self.optimizer.defaults
+        self.state = self.optimizer.state
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __repr__(self) -> str:
+        r = self.rejector
+        return (
+            f"CAPO(rule={r.rule!r}, delta_h={r.delta_h}, delta_f={r.delta_f}, levels={r.levels}, "
+            f"top_k={self.tracker.top_k}, fisher={self.tracker.fisher!r}, "
+            f"direction={self.tracker.direction!r},\n  {self.optimizer!r})"
+        )
+
+    # ------------------------------------------------------------------ selection
+
+    @torch.no_grad()
+    def select(
+        self,
+        hidden: Tensor,
+        actions: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        *,
+        logits: Tensor | None = None,
+    ) -> Tensor:
+        """The tokens to train on: bool ``[B, T]``, a subset of ``mask``.
+
+        Args:
+            hidden: ``[B, T, H]`` states entering the head for the completion tokens.
+            actions: ``[B, T]`` sampled token ids.
+            advantages: ``[B]`` or ``[B, T]``.
+            mask: ``[B, T]`` completion mask (bool or 0/1).
+            logits: optional ``[B, T, V]`` head outputs for ``hidden`` (saves a logits product).
+
+        Bad inputs raise before any statistic changes. Several calls between two steps
+        (gradient accumulation) add up in ``stats``.
+        """
+        selection = self.rejector.select(
+            self.tracker, hidden, actions, advantages, mask, logits=logits
+        )
+        self._record(selection, mask, hidden)
+        return selection.keep
+
+    def _record(self, selection: Selection, mask: Tensor, hidden: Tensor) -> None:
+        keep = selection.keep
+        device = keep.device
+        add: dict[str, Tensor] = {
+            "tokens": mask.bool().sum(),
+            "kept_tokens": keep.sum(),
+        }
+        for i, (qm, accepted) in enumerate(selection.models):
+            cand = qm.candidates
+            prefix = [qm.level + "_"] if i else ["", qm.level + "_"]
+            for p in prefix:
+                add[p + "candidates"] = cand.sum()
+                add[p + "objective_shift_sum"] = qm.objective_shift[cand].sum()
+                add[p + "policy_shift_sum"] = qm.policy_shift[cand].sum()
+            add[qm.level + "_rejected"] = (cand & ~accepted).sum()
+        if not self._open:
+            self._window, self._open = {}, True
+            self._kept_hidden, self._realised = [], {}
+        window = self._window
+        for k, v in add.items():
+            v = v.to(device=device, dtype=torch.float64)
+            window[k] = window[k] + v if k in window else v
+        if self.track_realised:
+            self._kept_hidden.append(hidden.detach()[keep])
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Statistics of the current window and lifetime counters (see the class docstring)."""
+        out: dict[str, float] = {k: float(v) for k, v in self._counters.items()}
+        w = {k: float(v) for k, v in (self._window or {}).items()}
+        if w:
+            tokens = w["tokens"]
+            out["tokens"], out["kept_tokens"] = tokens, w["kept_tokens"]
+            out["rejected_frac"] = 1.0 - w["kept_tokens"] / tokens if tokens else 0.0
+            for key in list(w):
+                if key.endswith("candidates"):
+                    prefix = key[: -len("candidates")]
+                    n = w[key]
+                    if prefix:
+                        out[key] = n
+                        out[prefix + "rejected"] = w[prefix + "rejected"]
+                    for name in ("objective_shift", "policy_shift"):
+                        out[f"{prefix}{name}_mean"] = w[f"{prefix}{name}_sum"] / n if n else 0.0
+        out.update(self._realised)
+        return out
+
+    # ------------------------------------------------------------------ the optimizer contract
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """Take the inner step, or skip it when the window's selections kept no token."""
+        if self._open and self._window is not None and float(self._window["kept_tokens"]) == 0:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self._counters["skipped_steps"] += 1
+            self._open = False
+            return loss
+        measure = self.track_realised and self._open and self._kept_hidden
+        before = [p.detach().clone() for p in self.tracker.params] if measure else None
+        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self.tracker.observe_step()
+        self._counters["steps"] += 1
+        if before is not None:
+            hidden = torch.cat(self._kept_hidden)
+            kl, quad = self.tracker.realised_shift(hidden, before)
+            self._realised = {
+                "policy_shift_realised": float(kl.mean()) if kl.numel() else 0.0,
+                "policy_shift_step_model": float(quad.mean()) if quad.numel() else 0.0,
+            }
+            self._kept_hidden = []
+        self._open = False
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "optimizer" not in self.__dict__:  # during Optimizer.__init__, before aliasing
+            super().add_param_group(param_group)
+            return
+        self.optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus a ``"capo"`` entry with CAPO's own state.
+
+        A bare optimizer of the same class can load it (it ignores the extra key).
+        """
+        state = self.optimizer.state_dict()
+        state["capo"] = {"counters": dict(self._counters), "tracker": self.tracker.state_dict()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        own = state_dict.pop("capo", None)
+        self.optimizer.load_state_dict(state_dict)
+        self._alias()
+        if own is not None:
+            self._counters.update(own["counters"])
+            self.tracker.load_state_dict(own["tracker"])

@@ -1,0 +1,567 @@
+"""CurvatureTracker: the quadratic model of every candidate update of the output layer.
+
+A candidate subset S (one token, one sequence, or the batch) has objective
+``f_S(θ) = Σ_{t∈S} w_t A_t log π_θ(a_t | h_t)`` over the head's parameters θ, and candidate update
+Δ_S = the step the wrapped optimizer would take on loss ``−f_S`` alone. The tracker returns, for
+every candidate, ``first_order = ⟨∇f_S, Δ_S⟩``, ``second_order = ½Δ_SᵀĤ_SΔ_S``, their sum
+``objective_shift`` (m_H) and ``policy_shift = ½Δ_SᵀF̂_SΔ_S`` (m_F); see
+:mod:`curvopt.quadratic` for the logit-space formulas.
+
+An ``nn.Linear`` head (with or without bias) takes the closed forms: every quantity depends on Δ only
+through the logit change ``u_t = ΔW h_t + Δb``, and a token's gradient is rank one,
+``A_t (e_{a_t} − π_t) h_tᵀ``, so no per-token gradient tensor is ever formed. Any other head module
+goes through :mod:`curvopt.generic` (``torch.func``; exact, slower).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import generic
+from .directions import (
+    SUPPORTED_OPTIMIZERS,
+    AdamStep,
+    AffineStep,
+    ShadowAdam,
+    SignStep,
+    StepModel,
+    optimizer_steps,
+    unwrap_optimizer,
+)
+from .quadratic import Fisher, Level, LogitMoments, QuadraticModel, candidate_terms
+
+__all__ = ["CurvatureTracker"]
+
+Direction = Literal["exact", "frozen", "shadow"]
+LEVELS: tuple[Level, ...] = ("token", "sequence", "batch")
+
+# Elements of the largest temporary a chunk may create; 2**22 float32 ≈ 16 MiB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class Batch:
+    """Validated, flattened masked-in tokens of one ``select``/``quadratic_model`` call.
+
+    N masked-in tokens, in row-major order of ``mask``:
+    ``positions [N]`` flat indices into ``[B*T]``, ``seq [N]`` sequence index, ``h [N, H]`` hidden
+    states (compute dtype), ``actions [N]``, ``adv [N]`` advantages, ``logits`` an optional
+    ``[B*T, V]`` view of the caller's logits, ``topk_idx/topk_logits [N, K]`` when ``top_k`` is set.
+    """
+
+    shape: tuple[int, int]
+    mask: Tensor
+    positions: Tensor
+    seq: Tensor
+    h: Tensor
+    actions: Tensor
+    adv: Tensor
+    vocab: int
+    logits: Tensor | None
+    topk_idx: Tensor | None = None
+    topk_logits: Tensor | None = None
+    lse: Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.positions.numel()
+
+
+class CurvatureTracker:
+    """Quadratic model of the candidate updates of an output layer under a real optimizer.
+
+    Args:
+        head: the output layer mapping hidden states ``[..., H]`` to logits ``[..., V]``; its
+            trainable parameters must be in ``optimizer``. ``nn.Linear`` takes the closed forms.
+        optimizer: the optimizer that trains the head (an accelerate-wrapped one is unwrapped).
+        top_k: ``None`` for the full vocabulary, or K to restrict each token's softmax to its K
+            largest logits (the paper's reference truncation; an action outside them contributes
+            only ``−π``).
+        fisher: ``"empirical"`` (m_F = ½Σw(v·u)², the score outer product) or ``"true"``
+            (m_F = ½Σw uᵀFu, the exact Fisher of the softmax, ≈ the KL of the update).
+        direction: how the candidate update Δ_S is formed.
+            ``"exact"``: a copy of the real optimizer stepping on −f_S (SGD, Adam, AdamW with all
+            options; Adam's prospective moments include the candidate's own gradient).
+            ``"frozen"``: Adam with its second moment held at its zero-candidate value (exact for
+            SGD); one GEMM the size of the logits product for all tokens. On the first step
+            (no moments yet) it uses Adam's first step in the ε → 0 limit, ``−lr·sign(g)``.
+            ``"shadow"``: the frozen model over Adam moments that the tracker keeps itself,
+            advanced by :meth:`observe_step` from the head's gradient, for optimizers whose state
+            cannot be read (ZeRO-partitioned, 8-bit, other classes).
+
+    Computation runs in float32 (float64 if the inputs or head are float64), in chunks whose
+    temporaries stay below about ``CHUNK_ELEMENTS`` elements.
+    """
+
+    def __init__(
+        self,
+        head: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        top_k: int | None = None,
+        fisher: Fisher = "empirical",
+        direction: Direction = "frozen",
+    ) -> None:
+        if not isinstance(head, nn.Module):
+            raise TypeError(f"head: expected an nn.Module, got {type(head).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+            raise TypeError(f"top_k: expected None or an int, got {type(top_k).__name__}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k: expected None or ≥ 1, got {top_k}")
+        if fisher not in ("empirical", "true"):
+            raise ValueError(f"fisher: expected 'empirical' or 'true', got {fisher!r}")
+        if direction not in ("exact", "frozen", "shadow"):
+            raise ValueError(
+                f"direction: expected 'exact', 'frozen' or 'shadow', got {direction!r}"
+            )
+        base = unwrap_optimizer(optimizer)
+        if direction != "shadow" and type(base) not in SUPPORTED_OPTIMIZERS:
+            names = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
+            raise TypeError(
+                f"optimizer: direction={direction!r} reads the state of {names}; got "
+                f"{type(base).__module__}.{type(base).__qualname__}. "
+                "Use direction='shadow' for other optimizers."
+            )
+        self.names, self.params = [], []
+        for name, p in head.named_parameters():
+            if p.requires_grad:
+                self.names.append(name)
+                self.params.append(p)
+        if not self.params:
+            raise ValueError("head: has no trainable parameters")
+        in_optimizer = {id(p) for g in base.param_groups for p in g["params"]}
+        missing = [n for n, p in zip(self.names, self.params) if id(p) not in in_optimizer]
+        if missing:
+            raise ValueError(
+                f"head: parameters {missing} are not in the optimizer's param_groups; "
+                "pass the optimizer that trains the head"
+            )
+        self.head = head
+        self.optimizer = base
+        self.top_k = top_k
+        self.fisher: Fisher = fisher
+        self.direction: Direction = direction
+        self.linear = type(head) is nn.Linear
+        self.shadow = ShadowAdam(self.params, base) if direction == "shadow" else None
+
+    # ------------------------------------------------------------------ public API
+
+    def quadratic_model(
+        self,
+        hidden: Tensor,
+        actions: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        *,
+        level: Level = "token",
+        logits: Tensor | None = None,
+    ) -> QuadraticModel:
+        """The quadratic model of every candidate at ``level``.
+
+        Args:
+            hidden: ``[B, T, H]`` states entering the head for the completion tokens.
+            actions: ``[B, T]`` sampled token ids (only masked-in entries are read).
+            advantages: ``[B]`` (broadcast over tokens) or ``[B, T]``.
+            mask: ``[B, T]`` bool (or 0/1) completion mask.
+            level: ``"token"`` (w=1) → ``[B, T]``; ``"sequence"`` (w=1/|b|) → ``[B]``;
+                ``"batch"`` (GRPO weighting w=1/(B'|b|), B' sequences with a token) → scalar.
+            logits: optional ``[B, T, V]`` head outputs for ``hidden``, to avoid recomputing them.
+
+        Returns:
+            A :class:`~curvopt.QuadraticModel`; entries that are not candidates are 0.
+        """
+        if level not in LEVELS:
+            raise ValueError(f"level: expected one of {LEVELS}, got {level!r}")
+        return self.evaluate(self.prepare(hidden, actions, advantages, mask, logits), level)
+
+    @torch.no_grad()
+    def prepare(
+        self,
+        hidden: Tensor,
+        actions: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        logits: Tensor | None = None,
+    ) -> Batch:
+        """Validate the inputs and gather the masked-in tokens (shared by several levels)."""
+        mask = _validate(hidden, actions, advantages, mask, logits, self.params[0].device)
+        B, T, H = hidden.shape
+        dtype = self._dtype(hidden)
+        positions = mask.reshape(-1).nonzero().squeeze(1)
+        seq = torch.div(positions, T, rounding_mode="floor")
+        h = hidden.detach().reshape(B * T, H)[positions].to(dtype)
+        acts = actions.reshape(-1)[positions]
+        adv = advantages.detach()
+        adv = (adv[seq] if adv.dim() == 1 else adv.reshape(-1)[positions]).to(dtype)
+        flat_logits = None if logits is None else logits.detach().reshape(B * T, -1)
+        vocab = self._vocab(flat_logits, h)
+        if acts.numel() and (acts.min() < 0 or acts.max() >= vocab):
+            bad = acts[(acts < 0) | (acts >= vocab)][0].item()
+            raise ValueError(
+                f"actions: masked-in token id {bad} is outside the vocabulary [0, {vocab})"
+            )
+        if self.top_k is not None and self.top_k > vocab:
+            raise ValueError(f"top_k: {self.top_k} exceeds the vocabulary size {vocab}")
+        batch = Batch((B, T), mask, positions, seq, h, acts, adv, vocab, flat_logits)
+        if self.top_k is not None and batch.n:
+            vals, idxs = [], []
+            for sl in _chunks(batch.n, max(1, CHUNK_ELEMENTS // vocab)):
+                z = self._logits(batch, sl)
+                v, i = torch.topk(z, self.top_k, dim=-1)
+                vals.append(v)
+                idxs.append(i)
+            batch.topk_logits, batch.topk_idx = torch.cat(vals), torch.cat(idxs)
+        return batch
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch, level: Level, keep: Tensor | None = None) -> QuadraticModel:
+        """The quadratic model at ``level`` over the tokens of ``batch`` that ``keep`` retains.
+
+        ``keep`` is a ``[B, T]`` bool subset of the batch's mask (default: the whole mask); the
+        candidates' weights are computed over it.
+        """
+        B, T = batch.shape
+        dtype, device = batch.h.dtype, batch.h.device
+        sel = torch.ones(batch.n, dtype=torch.bool, device=device)
+        if keep is not None:
+            sel = keep.reshape(-1)[batch.positions]
+        tokens = sel.nonzero().squeeze(1)
+        counts = torch.bincount(batch.seq[tokens], minlength=B).to(dtype)
+        steps = self._steps(dtype)
+        if level == "token":
+            weights = torch.ones(tokens.numel(), dtype=dtype, device=device)
+            terms = self._token_terms(batch, tokens, weights, steps)
+            out = [torch.zeros(B * T, dtype=dtype, device=device) for _ in range(3)]
+            for o, t in zip(out, terms):
+                o[batch.positions[tokens]] = t
+            cand = torch.zeros(B * T, dtype=torch.bool, device=device)
+            cand[batch.positions[tokens]] = True
+            return QuadraticModel(*(o.reshape(B, T) for o in out), cand.reshape(B, T), level)
+        seqs = batch.seq[tokens]
+        weights = 1.0 / counts[seqs]
+        if level == "sequence":
+            out = [torch.zeros(B, dtype=dtype, device=device) for _ in range(3)]
+            for b in (counts > 0).nonzero().squeeze(1).tolist():
+                members = tokens[seqs == b]
+                terms = self._subset_terms(batch, members, weights[seqs == b], steps)
+                for o, t in zip(out, terms):
+                    o[b] = t.sum()
+            return QuadraticModel(*out, counts > 0, level)
+        n_seqs = (counts > 0).sum()
+        weights = weights / n_seqs.clamp(min=1)
+        if tokens.numel() == 0:
+            zero = torch.zeros((), dtype=dtype, device=device)
+            return QuadraticModel(zero, zero, zero, torch.tensor(False, device=device), level)
+        terms = self._subset_terms(batch, tokens, weights, steps)
+        return QuadraticModel(*(t.sum() for t in terms), torch.tensor(True, device=device), level)
+
+    @torch.no_grad()
+    def observe_step(self) -> None:
+        """Tell the tracker a real optimizer step was taken (advances the shadow moments)."""
+        if self.shadow is not None:
+            self.shadow.update()
+
+    @torch.no_grad()
+    def realised_shift(self, hidden: Tensor, before: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Realised and predicted policy shift of an actual update of the head.
+
+        Args:
+            hidden: ``[n, H]`` hidden states of the tokens to measure.
+            before: the head's parameters before the update (same order as ``self.params``).
+
+        Returns:
+            ``(kl, quadratic)``, each ``[n]``: the exact ``KL(π_before ‖ π_after)`` of each token's
+            full-vocabulary softmax, and its quadratic model ½uᵀF u with u the realised logit
+            change.
+        """
+        dtype = self._dtype(hidden)
+        h = hidden.detach().to(dtype)
+        after = [p.detach() for p in self.params]
+        kl = torch.empty(h.shape[0], dtype=dtype, device=h.device)
+        quad = torch.empty_like(kl)
+        vocab = self._vocab(None, h[:1]) if h.shape[0] else 1
+        for sl in _chunks(h.shape[0], max(1, CHUNK_ELEMENTS // vocab)):
+            z0 = self._head_logits(h[sl], before, dtype)
+            z1 = self._head_logits(h[sl], after, dtype)
+            lp0, lp1 = torch.log_softmax(z0, -1), torch.log_softmax(z1, -1)
+            p0 = lp0.exp()
+            kl[sl] = (p0 * (lp0 - lp1)).sum(-1)
+            m = LogitMoments(z0.shape[0], dtype, h.device)
+            m.add(z1 - z0, p0, torch.zeros_like(p0))
+            quad[sl] = 0.5 * m.ufu
+        return kl, quad
+
+    def state_dict(self) -> dict:
+        """The tracker's own state (the shadow moments; empty otherwise)."""
+        return {} if self.shadow is None else {"shadow": self.shadow.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.shadow is not None and "shadow" in state:
+            self.shadow.load_state_dict(state["shadow"])
+
+    # ------------------------------------------------------------------ internals
+
+    def _dtype(self, hidden: Tensor) -> torch.dtype:
+        if hidden.dtype == torch.float64 or any(p.dtype == torch.float64 for p in self.params):
+            return torch.float64
+        return torch.float32
+
+    def _steps(self, dtype: torch.dtype) -> list[StepModel]:
+        if self.shadow is not None:
+            return self.shadow.steps(dtype)
+        return optimizer_steps(
+            self.optimizer, self.params, frozen=self.direction == "frozen", dtype=dtype
+        )
+
+    def _head_params(self, dtype: torch.dtype) -> list[Tensor]:
+        return [p.detach().to(dtype) for p in self.params]
+
+    def _head_logits(self, h: Tensor, params: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+        params = [p.to(dtype) for p in params]
+        if self.linear:
+            z = h @ params[0].T
+            return z + params[1] if len(params) > 1 else z
+        return generic.head_logits(self.head, self.names, params, h)
+
+    def _vocab(self, flat_logits: Tensor | None, h: Tensor) -> int:
+        if flat_logits is not None:
+            return flat_logits.shape[-1]
+        if self.linear:
+            return self.params[0].shape[0]
+        return self._head_logits(h[:1], self.params, h.dtype).shape[-1]
+
+    def _logits(self, batch: Batch, sl: slice | Tensor) -> Tensor:
+        """Logits ``[n, V]`` (compute dtype) of tokens ``sl`` of the batch; checked finite."""
+        if batch.logits is not None:
+            z = batch.logits[batch.positions[sl]].to(batch.h.dtype)
+            if not torch.isfinite(z).all():
+                raise ValueError("logits: contains non-finite values at masked-in positions")
+            return z
+        return self._head_logits(batch.h[sl], self.params, batch.h.dtype)
+
+    def _lse(self, batch: Batch) -> Tensor:
+        if batch.lse is None:
+            parts = [
+                torch.logsumexp(self._logits(batch, sl), -1)
+                for sl in _chunks(batch.n, max(1, CHUNK_ELEMENTS // batch.vocab))
+            ]
+            batch.lse = torch.cat(parts) if parts else batch.h.new_zeros(0)
+        return batch.lse
+
+    def _token_terms(
+        self, batch: Batch, tokens: Tensor, weights: Tensor, steps: list[StepModel]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-token candidates: each token's own update, evaluated on that token."""
+        if not self.linear:
+            vu, ufu, vr = generic.token_moments(self, batch, tokens, steps)
+            return candidate_terms(weights, batch.adv[tokens], vu, ufu, vr, self.fisher)
+        # Full vocabulary: [n, V] temporaries; top-K: gathered rows, [n, K, H].
+        width = batch.vocab if self.top_k is None else self.top_k * batch.h.shape[1]
+        vu = torch.empty(tokens.numel(), dtype=batch.h.dtype, device=batch.h.device)
+        ufu = torch.empty_like(vu)
+        for sl in _chunks(tokens.numel(), max(1, CHUNK_ELEMENTS // width)):
+            tok = tokens[sl]
+            h, coef = batch.h[tok], batch.adv[tok] * weights[sl]
+            probs, v, rows = self._support(batch, tok)
+            u = _token_logit_change(h, coef, v, rows, steps)
+            m = LogitMoments(tok.numel(), h.dtype, h.device)
+            m.add(u, probs, v)
+            vu[sl], ufu[sl] = m.vu, m.ufu
+        return candidate_terms(weights, batch.adv[tokens], vu, ufu, None, self.fisher)
+
+    def _support(self, batch: Batch, tok: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(π, v = e_a − π, rows) over each token's support: all V rows, or its top-K rows."""
+        if self.top_k is None:
+            probs = torch.softmax(self._logits(batch, tok), -1)
+            v = -probs
+            v[torch.arange(tok.numel(), device=v.device), batch.actions[tok]] += 1
+            return probs, v, None
+        rows = batch.topk_idx[tok]
+        probs = torch.softmax(batch.topk_logits[tok], -1)
+        v = (rows == batch.actions[tok].unsqueeze(1)).to(probs.dtype) - probs
+        return probs, v, rows
+
+    def _subset_terms(
+        self, batch: Batch, tokens: Tensor, weights: Tensor, steps: list[StepModel]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One candidate made of ``tokens``: form its ΔW by row blocks, evaluate it on them."""
+        if not self.linear:
+            vu, ufu, vr = generic.subset_moments(self, batch, tokens, weights, steps)
+            return candidate_terms(weights, batch.adv[tokens], vu, ufu, vr, self.fisher)
+        h = batch.h[tokens]
+        coef = batch.adv[tokens] * weights
+        m = LogitMoments(tokens.numel(), h.dtype, h.device)
+        for rows, probs, v in self._row_blocks(batch, tokens):
+            cv = v * coef.unsqueeze(1)
+            delta_w = steps[0](-(cv.T @ h), rows)
+            u = h @ delta_w.T
+            if len(steps) > 1:
+                u = u + steps[1](-cv.sum(0), rows)
+            m.add(u, probs, v)
+        return candidate_terms(weights, batch.adv[tokens], m.vu, m.ufu, None, self.fisher)
+
+    def _row_blocks(
+        self, batch: Batch, tokens: Tensor
+    ) -> Iterator[tuple[Tensor | slice, Tensor, Tensor]]:
+        """Blocks of head rows with the tokens' (π, v) on them, zero outside each support."""
+        n, width = tokens.numel(), batch.h.shape[1]
+        if self.top_k is None:
+            lse = self._lse(batch)[tokens]
+            step = max(1, CHUNK_ELEMENTS // max(n, width))
+            for r0 in range(0, batch.vocab, step):
+                r1 = min(r0 + step, batch.vocab)
+                z = self._block_logits(batch, tokens, r0, r1)
+                probs = (z - lse.unsqueeze(1)).exp()
+                v = -probs
+                hit = (batch.actions[tokens] >= r0) & (batch.actions[tokens] < r1)
+                v[hit.nonzero().squeeze(1), batch.actions[tokens][hit] - r0] += 1
+                yield slice(r0, r1), probs, v
+            return
+        idx = batch.topk_idx[tokens]
+        rows = torch.unique(idx)
+        pos = torch.searchsorted(rows, idx)
+        probs_k, v_k, _ = self._support(batch, tokens)
+        step = max(1, CHUNK_ELEMENTS // max(n, width))
+        for p0 in range(0, rows.numel(), step):
+            p1 = min(p0 + step, rows.numel())
+            inside = (pos >= p0) & (pos < p1)
+            at = (pos - p0).clamp(0, p1 - p0 - 1)
+            zero = torch.zeros(n, p1 - p0, dtype=probs_k.dtype, device=probs_k.device)
+            probs = zero.scatter_add(1, at, torch.where(inside, probs_k, 0))
+            v = zero.scatter_add(1, at, torch.where(inside, v_k, 0))
+            yield rows[p0:p1], probs, v
+
+    def _block_logits(self, batch: Batch, tokens: Tensor, r0: int, r1: int) -> Tensor:
+        if batch.logits is not None:
+            return batch.logits[batch.positions[tokens], r0:r1].to(batch.h.dtype)
+        w = self.params[0][r0:r1].detach().to(batch.h.dtype)
+        z = batch.h[tokens] @ w.T
+        if len(self.params) > 1:
+            z = z + self.params[1][r0:r1].detach().to(batch.h.dtype)
+        return z
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _rows_dot(m: Tensor, x: Tensor, rows: Tensor | None) -> Tensor:
+    """``y[t, k] = m[rows[t, k]] · x[t]``; all rows (``x @ mᵀ``) when ``rows`` is None."""
+    if rows is None:
+        return x @ m.T
+    return torch.bmm(m[rows], x.unsqueeze(2)).squeeze(2)
+
+
+def _token_logit_change(
+    h: Tensor, coef: Tensor, v: Tensor, rows: Tensor | None, steps: list[StepModel]
+) -> Tensor:
+    """Logit change ``u_t`` of each token's own candidate update, on its support rows.
+
+    Token t's loss gradient on the weight is rank one, ``q_t = −c_t v_t h_tᵀ`` (bias: ``−c_t v_t``),
+    with ``c_t = w_t A_t``. For an affine step ``Δ = D + P ⊙ q`` this gives
+    ``u_t = D h_t − c_t v_t ⊙ (P (h_t ⊙ h_t))`` (a scalar P: ``P‖h_t‖²``), for a sign step
+    ``u_t = D h_t + κ·sign(−c_t v_t)‖h_t‖₁``, and Adam's exact step is evaluated elementwise.
+
+    Shapes: ``h [n, H]``, ``coef [n]``, ``v [n, R]``, ``rows`` None (R = V) or ``[n, K]``.
+    """
+    step_w = steps[0]
+    cv = -coef.unsqueeze(1) * v
+    if isinstance(step_w, AffineStep):
+        if isinstance(step_w.coef, Tensor):
+            u = cv * _rows_dot(step_w.coef, h * h, rows)
+        else:
+            u = cv * (step_w.coef * (h * h).sum(1, keepdim=True))
+    elif isinstance(step_w, SignStep):
+        u = torch.sign(cv) * (step_w.scale * h.abs().sum(1, keepdim=True))
+    else:
+        u = _adam_token_change(step_w, h, cv, rows)
+    if not isinstance(step_w, AdamStep) and step_w.drift is not None:
+        u = u + _rows_dot(step_w.drift, h, rows)
+    if len(steps) > 1:
+        u = u + steps[1](cv, slice(None) if rows is None else rows)
+    return u
+
+
+def _adam_token_change(step: AdamStep, h: Tensor, cv: Tensor, rows: Tensor | None) -> Tensor:
+    """Σ_c Δ_{t,j,c} h_{t,c} for Adam's exact per-token step, in blocks of rows."""
+    n, width = cv.shape
+    out = torch.empty_like(cv)
+    block = max(1, CHUNK_ELEMENTS // max(1, n * h.shape[1]))
+    for r0 in range(0, width, block):
+        r1 = min(r0 + block, width)
+        q = cv[:, r0:r1].unsqueeze(2) * h.unsqueeze(1)
+        sel = slice(r0, r1) if rows is None else rows[:, r0:r1]
+        out[:, r0:r1] = (step(q, sel) * h.unsqueeze(1)).sum(2)
+    return out
+
+
+def _validate(
+    hidden: Tensor,
+    actions: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    logits: Tensor | None,
+    device: torch.device,
+) -> Tensor:
+    """Check shapes, dtypes, devices and finiteness; return the mask as bool."""
+    for name, t in (
+        ("hidden", hidden),
+        ("actions", actions),
+        ("advantages", advantages),
+        ("mask", mask),
+    ):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if logits is not None and not isinstance(logits, Tensor):
+        raise TypeError(f"logits: expected a torch.Tensor or None, got {type(logits).__name__}")
+    if not hidden.is_floating_point():
+        raise TypeError(f"hidden: expected a floating-point tensor, got {hidden.dtype}")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden: expected shape [B, T, H], got {tuple(hidden.shape)}")
+    B, T, _ = hidden.shape
+    if actions.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"actions: expected an integer tensor, got {actions.dtype}")
+    if tuple(actions.shape) != (B, T):
+        raise ValueError(
+            f"actions: expected shape {(B, T)} to match hidden {tuple(hidden.shape)}, "
+            f"got {tuple(actions.shape)}"
+        )
+    if not advantages.is_floating_point():
+        raise TypeError(f"advantages: expected a floating-point tensor, got {advantages.dtype}")
+    if tuple(advantages.shape) not in ((B,), (B, T)):
+        raise ValueError(
+            f"advantages: expected shape {(B,)} or {(B, T)}, got {tuple(advantages.shape)}"
+        )
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"mask: expected a bool or integer tensor, got {mask.dtype}")
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"mask: expected shape {(B, T)}, got {tuple(mask.shape)}")
+    if logits is not None:
+        if not logits.is_floating_point():
+            raise TypeError(f"logits: expected a floating-point tensor, got {logits.dtype}")
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != (B, T):
+            raise ValueError(f"logits: expected shape [{B}, {T}, V], got {tuple(logits.shape)}")
+    for name, t in (
+        ("hidden", hidden),
+        ("actions", actions),
+        ("advantages", advantages),
+        ("mask", mask),
+        ("logits", logits),
+    ):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: is on {t.device}, but the head is on {device}")
+    if not torch.isfinite(hidden).all():
+        raise ValueError("hidden: contains non-finite values")
+    if not torch.isfinite(advantages).all():
+        raise ValueError("advantages: contains non-finite values")
+    return mask.bool()
