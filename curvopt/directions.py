@@ -77,7 +77,7 @@ class AdamStep:
 
     With k = step + 1, q̃ = q + λ·p (L2 decay, ``decoupled=False``)::
 
-        m' = β1·m + (1-β1)·q̃          v' = β2·v + (1-β2)·q̃²        (v' ← max(v_max, v') with amsgrad)
+        m' = β1·m + (1-β1)·q̃        v' = β2·v + (1-β2)·q̃²     (v' ← max(v_max, v'): amsgrad)
         Δ  = -lr/(1-β1^k) · m' / (√v' / √(1-β2^k) + ε)  − [decoupled] lr·λ·p
     """
 
@@ -353,7 +353,7 @@ class ShadowAdam:
         n = len(self.params)
         if len(state["exp_avg"]) != n or len(state["exp_avg_sq"]) != n:
             raise ValueError(
-                f"state_dict: shadow state has moments for a head of a different size ({n} parameters expected)"
+                f"state_dict: the shadow moments are for another head ({n} parameters expected)"
             )
         self.step = int(state["step"])
         self.exp_avg = [None if t is None else t.clone() for t in state["exp_avg"]]
