@@ -7,8 +7,8 @@ every candidate, ``first_order = ⟨∇f_S, Δ_S⟩``, ``second_order = ½Δ_S�
 ``objective_shift`` (m_H) and ``policy_shift = ½Δ_SᵀF̂_SΔ_S`` (m_F); see
 :mod:`curvopt.quadratic` for the logit-space formulas.
 
-An ``nn.Linear`` head (with or without bias) takes the closed forms: every quantity depends on Δ only
-through the logit change ``u_t = ΔW h_t + Δb``, and a token's gradient is rank one,
+An ``nn.Linear`` head (with or without bias) takes the closed forms: every quantity depends on Δ
+only through the logit change ``u_t = ΔW h_t + Δb``, and a token's gradient is rank one,
 ``A_t (e_{a_t} − π_t) h_tᵀ``, so no per-token gradient tensor is ever formed. Any other head module
 goes through :mod:`curvopt.generic` (``torch.func``; exact, slower).
 """
