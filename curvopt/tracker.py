@@ -281,22 +281,26 @@ class CurvatureTracker:
         Returns:
             ``(kl, quadratic)``, each ``[n]``: the exact ``KL(π_before ‖ π_after)`` of each token's
             full-vocabulary softmax, and its quadratic model ½uᵀF u with u the realised logit
-            change.
+            change. The KL is evaluated as ``log E_π[exp(u − E_π u)]`` (``log1p``/``expm1``), which
+            stays accurate in float32 for the tiny shifts of one step.
         """
         dtype = self._dtype(hidden)
         h = hidden.detach().to(dtype)
-        after = [p.detach() for p in self.params]
+        before = [b.detach().to(dtype) for b in before]
+        after = self._head_params(dtype)
         kl = torch.empty(h.shape[0], dtype=dtype, device=h.device)
         quad = torch.empty_like(kl)
         vocab = self._vocab(None, h[:1]) if h.shape[0] else 1
         for sl in _chunks(h.shape[0], max(1, CHUNK_ELEMENTS // vocab)):
-            z0 = self._head_logits(h[sl], before, dtype)
-            z1 = self._head_logits(h[sl], after, dtype)
-            lp0, lp1 = torch.log_softmax(z0, -1), torch.log_softmax(z1, -1)
-            p0 = lp0.exp()
-            kl[sl] = (p0 * (lp0 - lp1)).sum(-1)
-            m = LogitMoments(z0.shape[0], dtype, h.device)
-            m.add(z1 - z0, p0, torch.zeros_like(p0))
+            probs = torch.softmax(self._head_logits(h[sl], before, dtype), -1)
+            if self.linear:
+                u = self._head_logits(h[sl], [a - b for a, b in zip(after, before)], dtype)
+            else:
+                u = self._head_logits(h[sl], after, dtype) - self._head_logits(h[sl], before, dtype)
+            m = LogitMoments(probs.shape[0], dtype, h.device)
+            m.add(u, probs, torch.zeros_like(probs))
+            centred = torch.expm1(u - m.mean.unsqueeze(1))
+            kl[sl] = torch.log1p((probs * centred).sum(-1))
             quad[sl] = 0.5 * m.ufu
         return kl, quad
 
