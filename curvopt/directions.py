@@ -282,8 +282,8 @@ class ShadowAdam:
     """Adam moments of the head kept by curvopt itself, for optimizers whose state is unreadable.
 
     At each real step :meth:`update` advances ``m, v`` from the head's gradient exactly as Adam
-    would; :meth:`steps` returns the frozen model (:func:`frozen_adam_step`) of that shadow Adam
-    with the group's learning rate. ``betas``/``eps`` come from the param group when it has them,
+    would; :meth:`steps` returns the exact or frozen step model of that shadow Adam with the
+    group's learning rate. ``betas``/``eps`` come from the param group when it has them,
     else Adam's defaults; ``weight_decay`` is treated as decoupled (AdamW-style).
     """
 
@@ -320,27 +320,24 @@ class ShadowAdam:
             self.exp_avg[i].mul_(beta1).add_(g, alpha=1 - beta1)
             self.exp_avg_sq[i].mul_(beta2).addcmul_(g, g, value=1 - beta2)
 
-    def steps(self, dtype: torch.dtype) -> list[StepModel]:
+    def steps(self, dtype: torch.dtype, *, frozen: bool) -> list[StepModel]:
+        """Step models of the shadow Adam: exact (:class:`AdamStep`) or frozen."""
         out: list[StepModel] = []
         for i, p in enumerate(self.params):
             lr, beta1, beta2, eps, wd = self._hyper(p)
-            m, v = self.exp_avg[i], self.exp_avg_sq[i]
-            out.append(
-                frozen_adam_step(
-                    p.detach().to(dtype),
-                    None if m is None else m.to(dtype),
-                    None if v is None else v.to(dtype),
-                    None,
-                    lr=lr,
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=eps,
-                    weight_decay=wd,
-                    decoupled=True,
-                    step=self.step if m is not None else 0,
-                )
-            )
+            m, v = self._moments(i, dtype)
+            step = self.step if m is not None else 0
+            hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, decoupled=True)
+            param = p.detach().to(dtype)
+            if frozen:
+                out.append(frozen_adam_step(param, m, v, None, step=step, **hyper))
+            else:
+                out.append(AdamStep(param, m, v, None, step=step, **hyper))
         return out
+
+    def _moments(self, i: int, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+        m, v = self.exp_avg[i], self.exp_avg_sq[i]
+        return (None if m is None else m.to(dtype)), (None if v is None else v.to(dtype))
 
     def state_dict(self) -> dict:
         return {

@@ -42,6 +42,8 @@ LEVELS: tuple[Level, ...] = ("token", "sequence", "batch")
 
 # Elements of the largest temporary a chunk may create; 2**22 float32 ≈ 16 MiB.
 CHUNK_ELEMENTS = 1 << 22
+# Rows per token (besides its action) on which the frozen direction keeps Adam's exact step.
+EXACT_ROWS = 16
 
 
 @dataclass
@@ -87,12 +89,17 @@ class CurvatureTracker:
         direction: how the candidate update Δ_S is formed.
             ``"exact"``: a copy of the real optimizer stepping on −f_S (SGD, Adam, AdamW with all
             options; Adam's prospective moments include the candidate's own gradient).
-            ``"frozen"``: Adam with its second moment held at its zero-candidate value (exact for
-            SGD); one GEMM the size of the logits product for all tokens. On the first step
-            (no moments yet) it uses Adam's first step in the ε → 0 limit, ``−lr·sign(g)``.
-            ``"shadow"``: the frozen model over Adam moments that the tracker keeps itself,
-            advanced by :meth:`observe_step` from the head's gradient, for optimizers whose state
-            cannot be read (ZeRO-partitioned, 8-bit, other classes).
+            ``"frozen"``: for token candidates, Adam's step with its second moment held at its
+            zero-candidate value (a fixed diagonal preconditioner: one GEMM the size of the logits
+            product for all tokens), except on each token's action row and its ``EXACT_ROWS``
+            most probable rows, where the token's own gradient can dominate the second moment and
+            the exact step is kept. On the first step (no moments yet) Adam's step is taken in the
+            ε → 0 limit, ``−lr·sign(g)``. Sequence and batch candidates form their ΔW
+            explicitly, so they are exact. Exact for SGD.
+            ``"shadow"``: ``"frozen"`` over Adam moments the tracker keeps itself, advanced by
+            :meth:`observe_step` from the head's gradient, for optimizers whose state cannot be
+            read (ZeRO-partitioned, 8-bit, other classes).
+        Heads other than ``nn.Linear`` form every candidate's Δ explicitly and are always exact.
 
     Computation runs in float32 (float64 if the inputs or head are float64), in chunks whose
     temporaries stay below about ``CHUNK_ELEMENTS`` elements.
@@ -236,7 +243,7 @@ class CurvatureTracker:
             sel = keep.reshape(-1)[batch.positions]
         tokens = sel.nonzero().squeeze(1)
         counts = torch.bincount(batch.seq[tokens], minlength=B).to(dtype)
-        steps = self._steps(dtype)
+        steps = self._steps(dtype, frozen=False)
         if level == "token":
             weights = torch.ones(tokens.numel(), dtype=dtype, device=device)
             terms = self._token_terms(batch, tokens, weights, steps)
@@ -319,12 +326,10 @@ class CurvatureTracker:
             return torch.float64
         return torch.float32
 
-    def _steps(self, dtype: torch.dtype) -> list[StepModel]:
+    def _steps(self, dtype: torch.dtype, *, frozen: bool) -> list[StepModel]:
         if self.shadow is not None:
-            return self.shadow.steps(dtype)
-        return optimizer_steps(
-            self.optimizer, self.params, frozen=self.direction == "frozen", dtype=dtype
-        )
+            return self.shadow.steps(dtype, frozen=frozen)
+        return optimizer_steps(self.optimizer, self.params, frozen=frozen, dtype=dtype)
 
     def _head_params(self, dtype: torch.dtype) -> list[Tensor]:
         return [p.detach().to(dtype) for p in self.params]
@@ -364,10 +369,24 @@ class CurvatureTracker:
     def _token_terms(
         self, batch: Batch, tokens: Tensor, weights: Tensor, steps: list[StepModel]
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-token candidates: each token's own update, evaluated on that token."""
+        """Per-token candidates: each token's own update, evaluated on that token.
+
+        ``steps`` are the exact step models. With ``direction`` ``"frozen"``/``"shadow"`` and an
+        Adam-type step, the update is the frozen model on every row of the token's support, with
+        the exact step restored on its action row and its ``EXACT_ROWS`` most probable rows, where
+        the token's own gradient can dominate Adam's second moment.
+        """
         if not self.linear:
             vu, ufu, vr = generic.token_moments(self, batch, tokens, steps)
             return candidate_terms(weights, batch.adv[tokens], vu, ufu, vr, self.fisher)
+        approx = steps
+        support = batch.vocab if self.top_k is None else self.top_k
+        if (
+            self.direction != "exact"
+            and isinstance(steps[0], AdamStep)
+            and support > EXACT_ROWS + 1
+        ):
+            approx = self._steps(batch.h.dtype, frozen=True)
         # Full vocabulary: [n, V] temporaries; top-K: gathered rows, [n, K, H].
         width = batch.vocab if self.top_k is None else self.top_k * batch.h.shape[1]
         vu = torch.empty(tokens.numel(), dtype=batch.h.dtype, device=batch.h.device)
@@ -376,7 +395,14 @@ class CurvatureTracker:
             tok = tokens[sl]
             h, coef = batch.h[tok], batch.adv[tok] * weights[sl]
             probs, v, rows = self._support(batch, tok)
-            u = _token_logit_change(h, coef, v, rows, steps)
+            u = _token_logit_change(h, coef, v, rows, approx)
+            if approx is not steps:
+                pos = _exact_positions(probs, v)
+                exact_rows = pos if rows is None else rows.gather(1, pos)
+                vc = v.gather(1, pos)
+                fix = _token_logit_change(h, coef, vc, exact_rows, steps)
+                fix = fix - _token_logit_change(h, coef, vc, exact_rows, approx)
+                u = u.scatter_add(1, pos, fix)
             m = LogitMoments(tok.numel(), h.dtype, h.device)
             m.add(u, probs, v)
             vu[sl], ufu[sl] = m.vu, m.ufu
@@ -459,6 +485,13 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
+def _exact_positions(probs: Tensor, v: Tensor) -> Tensor:
+    """Support positions ``[n, EXACT_ROWS + 1]``: the action (where ``v > 0``, i.e. e_a − π has
+    its one) first, then the most probable rows."""
+    score = torch.where(v > 0, torch.full_like(probs, 2.0), probs)
+    return torch.topk(score, EXACT_ROWS + 1, dim=-1).indices
+
+
 def _rows_dot(m: Tensor, x: Tensor, rows: Tensor | None) -> Tensor:
     """``y[t, k] = m[rows[t, k]] · x[t]``; all rows (``x @ mᵀ``) when ``rows`` is None."""
     if rows is None:
@@ -488,7 +521,7 @@ def _token_logit_change(
     elif isinstance(step_w, SignStep):
         u = torch.sign(cv) * (step_w.scale * h.abs().sum(1, keepdim=True))
     else:
-        u = _adam_token_change(step_w, h, cv, rows)
+        u = _elementwise_token_change(step_w, h, cv, rows)
     if not isinstance(step_w, AdamStep) and step_w.drift is not None:
         u = u + _rows_dot(step_w.drift, h, rows)
     if len(steps) > 1:
@@ -496,8 +529,11 @@ def _token_logit_change(
     return u
 
 
-def _adam_token_change(step: AdamStep, h: Tensor, cv: Tensor, rows: Tensor | None) -> Tensor:
-    """Σ_c Δ_{t,j,c} h_{t,c} for Adam's exact per-token step, in blocks of rows."""
+def _elementwise_token_change(
+    step: StepModel, h: Tensor, cv: Tensor, rows: Tensor | None
+) -> Tensor:
+    """Σ_c Δ_{t,j,c} h_{t,c} with Δ = step(q_t) formed elementwise, in blocks of rows (any step
+    model; the only way for Adam's exact step, and the oracle of the closed forms)."""
     n, width = cv.shape
     out = torch.empty_like(cv)
     block = max(1, CHUNK_ELEMENTS // max(1, n * h.shape[1]))
