@@ -8,7 +8,8 @@ parameter, so it can be restricted to a set of rows (the output rows of a linear
 ``step(q, rows)`` reads its state at ``rows`` (an integer tensor of any shape ``[..., K]``) and
 returns Δ of the shape of ``q`` (``rows.shape + param.shape[1:]``).
 
-- :class:`AffineStep`: ``Δ = drift + coef ⊙ q`` (SGD in every variant; frozen Adam).
+- :class:`AffineStep`: ``Δ = drift + coef ⊙ q`` (SGD in every variant).
+- :class:`FrozenAdamStep`: Adam with a fixed preconditioner, saturating like Adam.
 - :class:`SignStep`: ``Δ = drift + scale · sign(q)`` (Adam's first step with ε → 0).
 - :class:`AdamStep`: Adam/AdamW's exact step with the candidate's own prospective moments.
 
@@ -28,6 +29,7 @@ from torch import Tensor
 __all__ = [
     "AdamStep",
     "AffineStep",
+    "FrozenAdamStep",
     "ShadowAdam",
     "SignStep",
     "StepModel",
@@ -54,6 +56,28 @@ class AffineStep:
     def __call__(self, q: Tensor, rows: Tensor | slice | None = None) -> Tensor:
         coef = _rows(self.coef, rows) if isinstance(self.coef, Tensor) else self.coef
         out = q * coef
+        drift = _rows(self.drift, rows)
+        return out if drift is None else out + drift
+
+
+@dataclass
+class FrozenAdamStep:
+    """Adam's step with a fixed preconditioner, saturated as Adam saturates.
+
+    Elementwise ``Δ = drift + x / √(1 + (x / limit)²)`` with ``x = coef ⊙ q``: linear (the frozen
+    preconditioner) while the candidate's own gradient is small against Adam's second moment, and
+    tending to ``±limit`` — Adam's normalised step, lr/(1-β1^k)·(1-β1)·√((1-β2^k)/(1-β2)) — when it
+    dominates. With the second moment held at ``v₀`` this is exactly Adam's share of the
+    candidate, since ``(x / limit)² = (1-β2) q² / (β2 v₀)`` (ε aside).
+    """
+
+    drift: Tensor | None
+    coef: Tensor
+    limit: float
+
+    def __call__(self, q: Tensor, rows: Tensor | slice | None = None) -> Tensor:
+        x = q * _rows(self.coef, rows)
+        out = x / torch.sqrt(1 + (x / self.limit).square())
         drift = _rows(self.drift, rows)
         return out if drift is None else out + drift
 
@@ -113,7 +137,7 @@ class AdamStep:
         return delta
 
 
-StepModel = AffineStep | SignStep | AdamStep
+StepModel = AffineStep | FrozenAdamStep | SignStep | AdamStep
 
 
 def _float(x: float | Tensor) -> float:
@@ -208,17 +232,17 @@ def frozen_adam_step(
     weight_decay: float,
     decoupled: bool,
     step: int,
-) -> AffineStep | SignStep:
-    """Adam's step linearised in the candidate gradient with the second moment held fixed.
+) -> FrozenAdamStep | SignStep:
+    """Adam's step with the second moment held at its zero-candidate value.
 
-    The denominator is Adam's at step k = step + 1 with a zero candidate gradient,
+    The preconditioner is Adam's at step k = step + 1 with a zero candidate gradient,
     ``D = √(β2·v + (1-β2)·(λ_L2 p)²) / √(1-β2^k) + ε``; the first moment keeps the candidate's
-    share (1-β1)·q exactly, so ``Δ = drift − lr/(1-β1^k)·(1-β1)/D ⊙ q``, with the momentum and
-    decay in ``drift``. The only approximation is dropping the candidate's own q² from v.
+    share (1-β1)·q exactly and the momentum and decay go to ``drift``. The candidate's share is
+    saturated like Adam's (:class:`FrozenAdamStep`), so a gradient that dominates the second
+    moment moves each weight by at most Adam's normalised step instead of by q/ε.
 
-    With no state yet (the first step) that denominator is ε and the linearisation is useless;
-    Adam's first step is ``−lr·q/(|q|+ε)``, which this returns as ``−lr·sign(q)`` (ε → 0; an
-    L2 decay term is left out of the sign).
+    With no state yet (the first step) Adam's step is ``−lr·q/(|q|+ε)``, returned as
+    ``−lr·sign(q)`` (ε → 0; an L2 decay term is left out of the sign).
     """
     decay = -lr * weight_decay * param if (weight_decay and decoupled) else None
     if exp_avg is None or exp_avg_sq is None or step == 0:
@@ -238,7 +262,8 @@ def frozen_adam_step(
     drift = m0 / denom * (-step_size)
     if decay is not None:
         drift = drift + decay
-    return AffineStep(drift, denom.reciprocal() * (-step_size * (1 - beta1)))
+    limit = step_size * (1 - beta1) * math.sqrt((1 - beta2**k) / (1 - beta2))
+    return FrozenAdamStep(drift, denom.reciprocal() * (-step_size * (1 - beta1)), limit)
 
 
 def _group_of(optimizer: torch.optim.Optimizer, p: Tensor) -> dict:

@@ -27,6 +27,7 @@ from .directions import (
     SUPPORTED_OPTIMIZERS,
     AdamStep,
     AffineStep,
+    FrozenAdamStep,
     ShadowAdam,
     SignStep,
     StepModel,
@@ -507,7 +508,10 @@ def _token_logit_change(
     Token t's loss gradient on the weight is rank one, ``q_t = −c_t v_t h_tᵀ`` (bias: ``−c_t v_t``),
     with ``c_t = w_t A_t``. For an affine step ``Δ = D + P ⊙ q`` this gives
     ``u_t = D h_t − c_t v_t ⊙ (P (h_t ⊙ h_t))`` (a scalar P: ``P‖h_t‖²``), for a sign step
-    ``u_t = D h_t + κ·sign(−c_t v_t)‖h_t‖₁``, and Adam's exact step is evaluated elementwise.
+    ``u_t = D h_t + κ·sign(−c_t v_t)‖h_t‖₁``. A frozen Adam step saturates each row's candidate
+    change x as ``x / √(1 + (x / (limit·‖h_t‖₁))²)``, which equals its elementwise saturation when
+    the candidate-to-second-moment ratio is the same across the row, and has the same limits.
+    Adam's exact step is evaluated elementwise.
 
     Shapes: ``h [n, H]``, ``coef [n]``, ``v [n, R]``, ``rows`` None (R = V) or ``[n, K]``.
     """
@@ -518,6 +522,10 @@ def _token_logit_change(
             u = cv * _rows_dot(step_w.coef, h * h, rows)
         else:
             u = cv * (step_w.coef * (h * h).sum(1, keepdim=True))
+    elif isinstance(step_w, FrozenAdamStep):
+        x = cv * _rows_dot(step_w.coef, h * h, rows)
+        reach = step_w.limit * h.abs().sum(1, keepdim=True)
+        u = x / torch.sqrt(1 + (x / reach).square())
     elif isinstance(step_w, SignStep):
         u = torch.sign(cv) * (step_w.scale * h.abs().sum(1, keepdim=True))
     else:

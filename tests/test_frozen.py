@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from frozen_error import compare  # noqa: E402
+from frozen_error import compare
 
 
 @pytest.mark.parametrize(

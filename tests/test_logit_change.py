@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from curvopt.directions import AdamStep, AffineStep, SignStep
+from curvopt.directions import AdamStep, AffineStep, FrozenAdamStep, SignStep
 from curvopt.tracker import _elementwise_token_change, _token_logit_change
 
 
@@ -21,7 +21,9 @@ def cases(draw):
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
-    kind = draw(st.sampled_from(["affine-scalar", "affine-tensor", "sign", "adam"]))
+    kind = draw(st.sampled_from(["affine-scalar", "affine-tensor", "frozen", "sign", "adam"]))
+    if kind == "frozen":
+        H = 1  # one column: the row-level saturation is the elementwise one
     drift = draw(st.booleans())
     steps = []
     for shape in ((V, H), (V,)):
@@ -30,6 +32,8 @@ def cases(draw):
             steps.append(AffineStep(d, float(rnd(1))))
         elif kind == "affine-tensor":
             steps.append(AffineStep(d, rnd(*shape)))
+        elif kind == "frozen":
+            steps.append(FrozenAdamStep(d, rnd(*shape), float(rnd(1).abs()) + 0.1))
         elif kind == "sign":
             steps.append(SignStep(d, float(rnd(1))))
         else:
@@ -68,3 +72,19 @@ def test_closed_form_equals_elementwise_step(case):
     if len(steps) > 1:
         slow = slow + steps[1](cv, slice(None) if rows is None else rows)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+
+
+@given(case=cases(), limit=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_frozen_adam_saturation_is_bounded_and_linear_when_unsaturated(case, limit):
+    h, coef, v, rows, _ = case
+    V = v.shape[1] if rows is None else int(rows.max()) + 1
+    step = FrozenAdamStep(None, torch.rand(V, h.shape[1], dtype=torch.float64) + 0.1, limit)
+    u = _token_logit_change(h, coef, v, rows, [step])
+    reach = limit * h.abs().sum(1, keepdim=True)
+    assert (u.abs() <= reach * (1 + 1e-12)).all()
+    linear = AffineStep(None, step.coef)
+    small = FrozenAdamStep(None, step.coef, 1e12)
+    torch.testing.assert_close(
+        _token_logit_change(h, coef, v, rows, [small]),
+        _token_logit_change(h, coef, v, rows, [linear]),
+    )
