@@ -47,7 +47,9 @@ class CAPO(torch.optim.Optimizer):
             accelerate is stepped through its wrapper and read through its ``.optimizer``.
         head: the output layer (``model.lm_head``); its parameters must be in ``optimizer``.
         rule, delta_h, delta_f, levels: see :class:`~curvopt.SampleRejector`.
-        top_k, fisher, direction: see :class:`~curvopt.CurvatureTracker`.
+        top_k, fisher, direction, temperature, logit_scale, softcap: see
+            :class:`~curvopt.CurvatureTracker` (the last three describe the policy your loss
+            optimises, ``softmax(φ(head(h)))``, e.g. ``temperature`` when it divides the logits).
         track_realised: after each step, measure the head update's exact KL on the kept tokens
             (``stats["policy_shift_realised"]``) beside its quadratic model
             (``stats["policy_shift_step_model"]``); costs two logits products and a copy of the
@@ -82,6 +84,9 @@ class CAPO(torch.optim.Optimizer):
         top_k: int | None = None,
         fisher: Fisher = "empirical",
         direction: Direction = "frozen",
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
         track_realised: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -90,7 +95,14 @@ class CAPO(torch.optim.Optimizer):
             )
         self.rejector = SampleRejector(rule, delta_h, delta_f, levels)
         self.tracker = CurvatureTracker(
-            head, optimizer, top_k=top_k, fisher=fisher, direction=direction
+            head,
+            optimizer,
+            top_k=top_k,
+            fisher=fisher,
+            direction=direction,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            softcap=softcap,
         )
         base = unwrap_optimizer(optimizer)
         super().__init__([dict(g) for g in base.param_groups], base.defaults)

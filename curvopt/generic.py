@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from .directions import StepModel
+from .logits import LogitTransform
 from .quadratic import LogitMoments
 
 if TYPE_CHECKING:
@@ -30,19 +31,25 @@ VMAP_CHUNK = 32
 
 
 def head_logits(
-    head: nn.Module, names: Sequence[str], params: Sequence[Tensor], h: Tensor
+    head: nn.Module,
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    h: Tensor,
+    transform: LogitTransform | None,
 ) -> Tensor:
-    """``head`` applied to ``h [n, H]`` with its trainable parameters replaced by ``params``."""
-    return functional_call(head, dict(zip(names, params)), (h,))
+    """``head`` applied to ``h [n, H]`` with its trainable parameters replaced by ``params``,
+    followed by the logit transform φ when one is given."""
+    z = functional_call(head, dict(zip(names, params)), (h,))
+    return z if transform is None else transform(z)
 
 
 def _log_prob(
-    head: nn.Module, names: Sequence[str], top_k: bool
+    head: nn.Module, names: Sequence[str], top_k: bool, transform: LogitTransform
 ) -> Callable[[tuple[Tensor, ...], Tensor, Tensor, Tensor], Tensor]:
     """log π(a | h) of one token; with ``top_k`` the softmax runs over the logits at ``rows``."""
 
     def log_prob(params: tuple[Tensor, ...], h: Tensor, a: Tensor, rows: Tensor) -> Tensor:
-        z = head_logits(head, names, params, h.unsqueeze(0)).squeeze(0)
+        z = head_logits(head, names, params, h.unsqueeze(0), transform).squeeze(0)
         z_a = z.gather(0, a.unsqueeze(0)).squeeze(0)
         if not top_k:
             return z_a - torch.logsumexp(z, 0)
@@ -53,13 +60,13 @@ def _log_prob(
 
 
 def _change(
-    head: nn.Module, names: Sequence[str], params: tuple[Tensor, ...]
+    head: nn.Module, names: Sequence[str], params: tuple[Tensor, ...], transform: LogitTransform
 ) -> Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, Tensor]]:
     """(u, r): first and second directional derivatives of one token's logits along Δ."""
 
     def change(h: Tensor, delta: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         def logits(p: tuple[Tensor, ...]) -> Tensor:
-            return head_logits(head, names, p, h.unsqueeze(0)).squeeze(0)
+            return head_logits(head, names, p, h.unsqueeze(0), transform).squeeze(0)
 
         def tangent(p: tuple[Tensor, ...]) -> Tensor:
             return jvp(logits, (p,), (delta,))[1]
@@ -78,7 +85,7 @@ def _rows(tracker: CurvatureTracker, batch: Batch, tokens: Tensor) -> Tensor:
 def _moments(
     tracker: CurvatureTracker, batch: Batch, tokens: Tensor, u: Tensor, r: Tensor
 ) -> LogitMoments:
-    probs, v, rows = tracker._support(batch, tokens)
+    probs, v, rows, _, _ = tracker._support(batch, tokens)
     if rows is not None:
         u, r = u.gather(1, rows), r.gather(1, rows)
     m = LogitMoments(tokens.numel(), u.dtype, u.device)
@@ -92,9 +99,9 @@ def token_moments(
     """(v·u, uᵀFu, v·r) per token for each token's own candidate update. ``[n]`` each."""
     dtype = batch.h.dtype
     params = tuple(tracker._head_params(dtype))
-    log_prob = _log_prob(tracker.head, tracker.names, batch.topk_idx is not None)
+    log_prob = _log_prob(tracker.head, tracker.names, batch.topk_idx is not None, tracker.transform)
     per_token_grad = vmap(grad(log_prob), in_dims=(None, 0, 0, 0))
-    change = vmap(_change(tracker.head, tracker.names, params))
+    change = vmap(_change(tracker.head, tracker.names, params, tracker.transform))
     out = [torch.empty(tokens.numel(), dtype=dtype, device=batch.h.device) for _ in range(3)]
     for start in range(0, tokens.numel(), VMAP_CHUNK):
         tok = tokens[start : start + VMAP_CHUNK]
@@ -121,7 +128,7 @@ def subset_moments(
     dtype = batch.h.dtype
     params = tuple(tracker._head_params(dtype))
     log_prob = vmap(
-        _log_prob(tracker.head, tracker.names, batch.topk_idx is not None),
+        _log_prob(tracker.head, tracker.names, batch.topk_idx is not None, tracker.transform),
         in_dims=(None, 0, 0, 0),
     )
     coef = batch.adv[tokens] * weights
@@ -136,8 +143,7 @@ def subset_moments(
         g = grad(objective)(params, slice(start, start + VMAP_CHUNK))
         total = [t + gi for t, gi in zip(total, g)]
     deltas = tuple(step(-g) for step, g in zip(steps, total))
-    u, r = vmap(
-        _change(tracker.head, tracker.names, params), in_dims=(0, None), chunk_size=VMAP_CHUNK
-    )(h, deltas)
+    change = _change(tracker.head, tracker.names, params, tracker.transform)
+    u, r = vmap(change, in_dims=(0, None), chunk_size=VMAP_CHUNK)(h, deltas)
     m = _moments(tracker, batch, tokens, u, r)
     return m.vu, m.ufu, m.vr

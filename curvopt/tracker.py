@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,7 @@ from .directions import (
     optimizer_steps,
     unwrap_optimizer,
 )
+from .logits import LogitTransform
 from .quadratic import Fisher, Level, LogitMoments, QuadraticModel, candidate_terms
 
 __all__ = ["CurvatureTracker"]
@@ -101,6 +102,11 @@ class CurvatureTracker:
             :meth:`observe_step` from the head's gradient, for optimizers whose state cannot be
             read (ZeRO-partitioned, 8-bit, other classes).
         Heads other than ``nn.Linear`` form every candidate's Δ explicitly and are always exact.
+        temperature, logit_scale, softcap: the policy is ``softmax(φ(head(h)))`` with
+            ``φ(z) = softcap·tanh(logit_scale·z/softcap)/temperature`` (without a soft-cap,
+            ``logit_scale·z/temperature``): set them to what your trainer samples and optimises
+            (TRL divides by ``temperature``; Gemma 2 soft-caps, Cohere scales). ``logits`` passed
+            to the tracker are always the head's raw outputs z.
 
     Computation runs in float32 (float64 if the inputs or head are float64), in chunks whose
     temporaries stay below about ``CHUNK_ELEMENTS`` elements.
@@ -114,6 +120,9 @@ class CurvatureTracker:
         top_k: int | None = None,
         fisher: Fisher = "empirical",
         direction: Direction = "frozen",
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
     ) -> None:
         if not isinstance(head, nn.Module):
             raise TypeError(f"head: expected an nn.Module, got {type(head).__name__}")
@@ -131,6 +140,7 @@ class CurvatureTracker:
             raise ValueError(
                 f"direction: expected 'exact', 'frozen' or 'shadow', got {direction!r}"
             )
+        self.transform = LogitTransform(logit_scale, softcap, temperature)
         base = unwrap_optimizer(optimizer)
         if direction != "shadow" and type(base) not in SUPPORTED_OPTIMIZERS:
             names = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
@@ -300,11 +310,13 @@ class CurvatureTracker:
         quad = torch.empty_like(kl)
         vocab = self._vocab(None, h[:1]) if h.shape[0] else 1
         for sl in _chunks(h.shape[0], max(1, CHUNK_ELEMENTS // vocab)):
-            probs = torch.softmax(self._head_logits(h[sl], before, dtype), -1)
+            z = self._head_logits(h[sl], before, dtype)
+            probs = torch.softmax(self.transform(z), -1)
             if self.linear:
                 u = self._head_logits(h[sl], [a - b for a, b in zip(after, before)], dtype)
             else:
-                u = self._head_logits(h[sl], after, dtype) - self._head_logits(h[sl], before, dtype)
+                u = self._head_logits(h[sl], after, dtype) - z
+            u = self.transform.difference(z, u)
             m = LogitMoments(probs.shape[0], dtype, h.device)
             m.add(u, probs, torch.zeros_like(probs))
             centred = torch.expm1(u - m.mean.unsqueeze(1))
@@ -340,7 +352,7 @@ class CurvatureTracker:
         if self.linear:
             z = h @ params[0].T
             return z + params[1] if len(params) > 1 else z
-        return generic.head_logits(self.head, self.names, params, h)
+        return generic.head_logits(self.head, self.names, params, h, None)
 
     def _vocab(self, flat_logits: Tensor | None, h: Tensor) -> int:
         if flat_logits is not None:
@@ -359,9 +371,10 @@ class CurvatureTracker:
         return self._head_logits(batch.h[sl], self.params, batch.h.dtype)
 
     def _lse(self, batch: Batch) -> Tensor:
+        """log Σ exp φ(z) per token (the policy's normaliser)."""
         if batch.lse is None:
             parts = [
-                torch.logsumexp(self._logits(batch, sl), -1)
+                torch.logsumexp(self.transform(self._logits(batch, sl)), -1)
                 for sl in _chunks(batch.n, max(1, CHUNK_ELEMENTS // batch.vocab))
             ]
             batch.lse = torch.cat(parts) if parts else batch.h.new_zeros(0)
@@ -391,35 +404,40 @@ class CurvatureTracker:
         # Full vocabulary: [n, V] temporaries; top-K: gathered rows, [n, K, H].
         width = batch.vocab if self.top_k is None else self.top_k * batch.h.shape[1]
         vu = torch.empty(tokens.numel(), dtype=batch.h.dtype, device=batch.h.device)
-        ufu = torch.empty_like(vu)
+        ufu, vr = torch.empty_like(vu), torch.empty_like(vu)
         for sl in _chunks(tokens.numel(), max(1, CHUNK_ELEMENTS // width)):
             tok = tokens[sl]
             h, coef = batch.h[tok], batch.adv[tok] * weights[sl]
-            probs, v, rows = self._support(batch, tok)
-            u = _token_logit_change(h, coef, v, rows, approx)
+            probs, v, rows, d1, d2 = self._support(batch, tok)
+            grad = v * d1  # ∂ log π(a) / ∂z: the token's gradient is −c·grad·hᵀ on the weight
+            u = _token_logit_change(h, coef, grad, rows, approx)
             if approx is not steps:
                 pos = _exact_positions(probs, v)
                 exact_rows = pos if rows is None else rows.gather(1, pos)
-                vc = v.gather(1, pos)
-                fix = _token_logit_change(h, coef, vc, exact_rows, steps)
-                fix = fix - _token_logit_change(h, coef, vc, exact_rows, approx)
+                gc = grad.gather(1, pos)
+                fix = _token_logit_change(h, coef, gc, exact_rows, steps)
+                fix = fix - _token_logit_change(h, coef, gc, exact_rows, approx)
                 u = u.scatter_add(1, pos, fix)
             m = LogitMoments(tok.numel(), h.dtype, h.device)
-            m.add(u, probs, v)
-            vu[sl], ufu[sl] = m.vu, m.ufu
-        return candidate_terms(weights, batch.adv[tokens], vu, ufu, None, self.fisher)
+            m.add(u * d1, probs, v, None if d2 is None else d2 * u.square())
+            vu[sl], ufu[sl], vr[sl] = m.vu, m.ufu, m.vr
+        return candidate_terms(weights, batch.adv[tokens], vu, ufu, vr, self.fisher)
 
-    def _support(self, batch: Batch, tok: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(π, v = e_a − π, rows) over each token's support: all V rows, or its top-K rows."""
+    def _support(
+        self, batch: Batch, tok: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | float, Tensor | None]:
+        """(π, v = e_a − π, rows, φ'(z), φ''(z)) over each token's support: all V rows, or its
+        top-K rows (``rows [n, K]``); φ'' is None for a linear logit transform."""
         if self.top_k is None:
-            probs = torch.softmax(self._logits(batch, tok), -1)
+            z = self._logits(batch, tok)
+            probs = torch.softmax(self.transform(z), -1)
             v = -probs
             v[torch.arange(tok.numel(), device=v.device), batch.actions[tok]] += 1
-            return probs, v, None
-        rows = batch.topk_idx[tok]
-        probs = torch.softmax(batch.topk_logits[tok], -1)
+            return probs, v, None, *self.transform.derivatives(z)
+        rows, z = batch.topk_idx[tok], batch.topk_logits[tok]
+        probs = torch.softmax(self.transform(z), -1)
         v = (rows == batch.actions[tok].unsqueeze(1)).to(probs.dtype) - probs
-        return probs, v, rows
+        return probs, v, rows, *self.transform.derivatives(z)
 
     def _subset_terms(
         self, batch: Batch, tokens: Tensor, weights: Tensor, steps: list[StepModel]
@@ -431,45 +449,46 @@ class CurvatureTracker:
         h = batch.h[tokens]
         coef = batch.adv[tokens] * weights
         m = LogitMoments(tokens.numel(), h.dtype, h.device)
-        for rows, probs, v in self._row_blocks(batch, tokens):
-            cv = v * coef.unsqueeze(1)
+        for rows, probs, v, d1, d2 in self._row_blocks(batch, tokens):
+            cv = v * d1 * coef.unsqueeze(1)
             delta_w = steps[0](-(cv.T @ h), rows)
             u = h @ delta_w.T
             if len(steps) > 1:
                 u = u + steps[1](-cv.sum(0), rows)
-            m.add(u, probs, v)
-        return candidate_terms(weights, batch.adv[tokens], m.vu, m.ufu, None, self.fisher)
+            m.add(u * d1, probs, v, None if d2 is None else d2 * u.square())
+        return candidate_terms(weights, batch.adv[tokens], m.vu, m.ufu, m.vr, self.fisher)
 
-    def _row_blocks(
-        self, batch: Batch, tokens: Tensor
-    ) -> Iterator[tuple[Tensor | slice, Tensor, Tensor]]:
-        """Blocks of head rows with the tokens' (π, v) on them, zero outside each support."""
+    def _row_blocks(self, batch: Batch, tokens: Tensor) -> Iterator[tuple]:
+        """Blocks of head rows with the tokens' (π, v, φ', φ'') on them, zero outside each
+        token's support: ``(rows, probs [n, r], v [n, r], φ', φ'')``."""
         n, width = tokens.numel(), batch.h.shape[1]
+        step = max(1, CHUNK_ELEMENTS // max(n, width))
         if self.top_k is None:
             lse = self._lse(batch)[tokens]
-            step = max(1, CHUNK_ELEMENTS // max(n, width))
+            acts = batch.actions[tokens]
             for r0 in range(0, batch.vocab, step):
                 r1 = min(r0 + step, batch.vocab)
                 z = self._block_logits(batch, tokens, r0, r1)
-                probs = (z - lse.unsqueeze(1)).exp()
+                probs = (self.transform(z) - lse.unsqueeze(1)).exp()
                 v = -probs
-                hit = (batch.actions[tokens] >= r0) & (batch.actions[tokens] < r1)
-                v[hit.nonzero().squeeze(1), batch.actions[tokens][hit] - r0] += 1
-                yield slice(r0, r1), probs, v
+                hit = (acts >= r0) & (acts < r1)
+                v[hit.nonzero().squeeze(1), acts[hit] - r0] += 1
+                yield slice(r0, r1), probs, v, *self.transform.derivatives(z)
             return
         idx = batch.topk_idx[tokens]
         rows = torch.unique(idx)
         pos = torch.searchsorted(rows, idx)
-        probs_k, v_k, _ = self._support(batch, tokens)
-        step = max(1, CHUNK_ELEMENTS // max(n, width))
+        on_support = self._support(batch, tokens)
         for p0 in range(0, rows.numel(), step):
             p1 = min(p0 + step, rows.numel())
             inside = (pos >= p0) & (pos < p1)
             at = (pos - p0).clamp(0, p1 - p0 - 1)
-            zero = torch.zeros(n, p1 - p0, dtype=probs_k.dtype, device=probs_k.device)
-            probs = zero.scatter_add(1, at, torch.where(inside, probs_k, 0))
-            v = zero.scatter_add(1, at, torch.where(inside, v_k, 0))
-            yield rows[p0:p1], probs, v
+            zero = torch.zeros(n, p1 - p0, dtype=batch.h.dtype, device=batch.h.device)
+            yield (
+                rows[p0:p1],
+                *(_scatter(zero, at, inside, x) for x in on_support[:2]),
+                *(_scatter(zero, at, inside, x) for x in on_support[3:]),
+            )
 
     def _block_logits(self, batch: Batch, tokens: Tensor, r0: int, r1: int) -> Tensor:
         if batch.logits is not None:
@@ -479,6 +498,13 @@ class CurvatureTracker:
         if len(self.params) > 1:
             z = z + self.params[1][r0:r1].detach().to(batch.h.dtype)
         return z
+
+
+def _scatter(zero: Tensor, at: Tensor, inside: Tensor, x: Tensor | float | None) -> Any:
+    """Per-token support values ``x [n, K]`` placed at block columns ``at`` (0 outside)."""
+    if not isinstance(x, Tensor):
+        return x
+    return zero.scatter_add(1, at, torch.where(inside, x, 0))
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:

@@ -301,3 +301,26 @@ def test_bfloat16_inputs_are_computed_in_float32():
     opt16 = CAPO(adamw(model16), head=model16.lm_head)
     keep = opt16.select(h16, *args, logits=model16.lm_head(h16))
     assert keep.dtype == torch.bool
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_realised_shift_uses_the_transformed_policy(softcap):
+    torch.manual_seed(0)
+    model = TinyPolicy()
+    opt = CAPO(adamw(model), head=model.lm_head, temperature=0.7, logit_scale=1.3, softcap=softcap)
+    hidden = torch.randn(6, 8)
+    before = [p.detach().clone() for p in model.lm_head.parameters()]
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.1 * torch.randn_like(model.lm_head.weight))
+
+    def policy(z):
+        z = z * 1.3
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        return torch.log_softmax(z / 0.7, -1)
+
+    kl, _ = opt.tracker.realised_shift(hidden, before)
+    old = policy(hidden @ before[0].T + before[1])
+    new = policy(model.lm_head(hidden))
+    expected = torch.nn.functional.kl_div(new, old, log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(kl, expected.detach())

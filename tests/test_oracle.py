@@ -120,3 +120,55 @@ def test_generic_path_is_exact_for_a_nonlinear_head(problem, level, top_k):
     cands = oracle(head, p.optimizer, *args, level=level, top_k=top_k)
     keys = ("first_order", "second_order", "policy_shift")
     torch.testing.assert_close(at_candidates(qm, cands, keys), expected(cands, "true"), **TOL)
+
+
+class TransformedHead(nn.Module):
+    """φ(W h + b) with φ(z) = c·tanh(s·z/c)/τ (or s·z/τ): the policy a trainer samples from."""
+
+    def __init__(self, linear: nn.Linear, scale: float, softcap: float | None, temperature: float):
+        super().__init__()
+        self.linear, self.scale, self.softcap, self.temperature = (
+            linear,
+            scale,
+            softcap,
+            temperature,
+        )
+
+    def forward(self, h):
+        z = self.linear(h) * self.scale
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z / self.temperature
+
+
+@given(
+    problem=problems(),
+    level=LEVELS,
+    fisher=st.sampled_from(["empirical", "true"]),
+    top_k=st.sampled_from([None, 2]),
+    transform=st.sampled_from(
+        [(1.0, None, 0.7), (2.0, None, 1.3), (1.0, 1.5, 1.0), (0.5, 2.0, 0.6)]
+    ),
+    direction=st.sampled_from(["exact", "frozen"]),
+)
+def test_logit_transform_matches_the_transformed_policy(
+    problem, level, fisher, top_k, transform, direction
+):
+    """Temperature, logit scale and soft-cap: the fast path equals the generic path and (exact)
+    the oracle, both run on a head that applies the transform itself."""
+    p = problem
+    scale, softcap, temperature = transform
+    top_k = None if top_k is None else min(top_k, p.head.out_features)
+    kw = dict(top_k=top_k, fisher=fisher, direction="exact")
+    fast = CurvatureTracker(
+        p.head, p.optimizer, temperature=temperature, logit_scale=scale, softcap=softcap, **kw
+    )
+    wrapped = TransformedHead(p.head, scale, softcap, temperature)
+    generic = CurvatureTracker(wrapped, p.optimizer, **kw)
+    args = (p.hidden, p.actions, p.advantages, p.mask)
+    a = fast.quadratic_model(*args, level=level)
+    b = generic.quadratic_model(*args, level=level)
+    cands = oracle(wrapped, p.optimizer, *args, level=level, top_k=top_k)
+    keys = ("first_order", "second_order", "policy_shift")
+    torch.testing.assert_close(at_candidates(a, cands, keys), expected(cands, fisher), **TOL)
+    torch.testing.assert_close(at_candidates(b, cands, keys), expected(cands, fisher), **TOL)
