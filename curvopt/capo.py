@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .directions import unwrap_optimizer
 from .quadratic import Fisher, Level
 from .rejector import Rule, SampleRejector, Selection
@@ -54,6 +55,10 @@ class CAPO(torch.optim.Optimizer):
             (``stats["policy_shift_realised"]``) beside its quadratic model
             (``stats["policy_shift_step_model"]``); costs two logits products and a copy of the
             head's parameters.
+        process_group: under ``torch.distributed`` (DDP: same head and optimizer state on every
+            rank), the batch level and every statistic cover the group's global batch (default:
+            the world), so all ranks take the same batch decision and the same skip decision;
+            ``select`` and ``step`` are then collectives. Token and sequence decisions are local.
 
     Statistics (``opt.stats``, floats). A *window* is everything between two ``step()`` calls;
     the first ``select`` after a step starts a new one, so ``stats`` still describes the last
@@ -88,6 +93,7 @@ class CAPO(torch.optim.Optimizer):
         logit_scale: float = 1.0,
         softcap: float | None = None,
         track_realised: bool = False,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -103,6 +109,7 @@ class CAPO(torch.optim.Optimizer):
             temperature=temperature,
             logit_scale=logit_scale,
             softcap=softcap,
+            process_group=process_group,
         )
         base = unwrap_optimizer(optimizer)
         super().__init__([dict(g) for g in base.param_groups], base.defaults)
@@ -168,20 +175,25 @@ class CAPO(torch.optim.Optimizer):
             "tokens": mask.bool().sum(),
             "kept_tokens": keep.sum(),
         }
+        group = self.tracker.process_group
         for i, (qm, accepted) in enumerate(selection.models):
             cand = qm.candidates
+            # every rank holds the whole (global) batch candidate: count it once over the group
+            share = 1.0 / distributed.world_size(group) if qm.level == "batch" else 1.0
             prefix = [qm.level + "_"] if i else ["", qm.level + "_"]
             for p in prefix:
-                add[p + "candidates"] = cand.sum()
-                add[p + "objective_shift_sum"] = qm.objective_shift[cand].sum()
-                add[p + "policy_shift_sum"] = qm.policy_shift[cand].sum()
-            add[qm.level + "_rejected"] = (cand & ~accepted).sum()
+                add[p + "candidates"] = cand.sum() * share
+                add[p + "objective_shift_sum"] = qm.objective_shift[cand].sum() * share
+                add[p + "policy_shift_sum"] = qm.policy_shift[cand].sum() * share
+            add[qm.level + "_rejected"] = (cand & ~accepted).sum() * share
+        keys = list(add)
+        values = torch.stack([add[k].to(device=device, dtype=torch.float64) for k in keys])
+        values = distributed.all_reduce_sum(values, group)
         if not self._open:
             self._window, self._open = {}, True
             self._kept_hidden, self._realised = [], {}
         window = self._window
-        for k, v in add.items():
-            v = v.to(device=device, dtype=torch.float64)
+        for k, v in zip(keys, values):
             window[k] = window[k] + v if k in window else v
         if self.track_realised:
             self._kept_hidden.append(hidden.detach()[keep])
@@ -219,7 +231,7 @@ class CAPO(torch.optim.Optimizer):
             self._counters["skipped_steps"] += 1
             self._open = False
             return loss
-        measure = self.track_realised and self._open and self._kept_hidden
+        measure = self.track_realised and self._open
         before = [p.detach().clone() for p in self.tracker.params] if measure else None
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         self.tracker.observe_step()
@@ -227,9 +239,13 @@ class CAPO(torch.optim.Optimizer):
         if before is not None:
             hidden = torch.cat(self._kept_hidden)
             kl, quad = self.tracker.realised_shift(hidden, before)
+            sums = torch.stack([kl.sum(), quad.sum(), kl.new_tensor(float(kl.numel()))])
+            kl_sum, quad_sum, n = distributed.all_reduce_sum(
+                sums.to(torch.float64), self.tracker.process_group
+            ).tolist()
             self._realised = {
-                "policy_shift_realised": float(kl.mean()) if kl.numel() else 0.0,
-                "policy_shift_step_model": float(quad.mean()) if quad.numel() else 0.0,
+                "policy_shift_realised": kl_sum / n if n else 0.0,
+                "policy_shift_step_model": quad_sum / n if n else 0.0,
             }
             self._kept_hidden = []
         self._open = False

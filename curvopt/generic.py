@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from . import distributed
 from .directions import StepModel
 from .logits import LogitTransform
 from .quadratic import LogitMoments
@@ -123,8 +124,10 @@ def subset_moments(
     tokens: Tensor,
     weights: Tensor,
     steps: Sequence[StepModel],
+    group: torch.distributed.ProcessGroup | str | None = distributed.LOCAL,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(v·u, uᵀFu, v·r) per token of one candidate made of ``tokens`` with ``weights``."""
+    """(v·u, uᵀFu, v·r) per token of one candidate made of ``tokens`` with ``weights``; with
+    ``group``, the candidate's gradient is summed over the group (a collective)."""
     dtype = batch.h.dtype
     params = tuple(tracker._head_params(dtype))
     log_prob = vmap(
@@ -142,6 +145,7 @@ def subset_moments(
     for start in range(0, tokens.numel(), VMAP_CHUNK):
         g = grad(objective)(params, slice(start, start + VMAP_CHUNK))
         total = [t + gi for t, gi in zip(total, g)]
+    total = [distributed.all_reduce_sum(t, group) for t in total]
     deltas = tuple(step(-g) for step, g in zip(steps, total))
     change = _change(tracker.head, tracker.names, params, tracker.transform)
     u, r = vmap(change, in_dims=(0, None), chunk_size=VMAP_CHUNK)(h, deltas)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import generic
+from . import distributed, generic
 from .directions import (
     SUPPORTED_OPTIMIZERS,
     AdamStep,
@@ -107,6 +107,10 @@ class CurvatureTracker:
             ``logit_scale·z/temperature``): set them to what your trainer samples and optimises
             (TRL divides by ``temperature``; Gemma 2 soft-caps, Cohere scales). ``logits`` passed
             to the tracker are always the head's raw outputs z.
+        process_group: under ``torch.distributed`` (data parallel: every rank holds the same head
+            and optimizer state), the batch candidate spans this group (default: the world), so
+            every rank gets the batch-level model of the concatenated batch; token and sequence
+            candidates stay local. Then :meth:`evaluate` at level ``"batch"`` is a collective.
 
     Computation runs in float32 (float64 if the inputs or head are float64), in chunks whose
     temporaries stay below about ``CHUNK_ELEMENTS`` elements.
@@ -123,6 +127,7 @@ class CurvatureTracker:
         temperature: float = 1.0,
         logit_scale: float = 1.0,
         softcap: float | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         if not isinstance(head, nn.Module):
             raise TypeError(f"head: expected an nn.Module, got {type(head).__name__}")
@@ -170,6 +175,7 @@ class CurvatureTracker:
         self.direction: Direction = direction
         self.linear = type(head) is nn.Linear
         self.shadow = ShadowAdam(self.params, base) if direction == "shadow" else None
+        self.process_group = process_group
 
     # ------------------------------------------------------------------ public API
 
@@ -274,13 +280,15 @@ class CurvatureTracker:
                 for o, t in zip(out, terms):
                     o[b] = t.sum()
             return QuadraticModel(*out, counts > 0, level)
-        n_seqs = (counts > 0).sum()
+        group = self.process_group
+        n_seqs = distributed.all_reduce_sum((counts > 0).sum(), group)
         weights = weights / n_seqs.clamp(min=1)
-        if tokens.numel() == 0:
+        if int(n_seqs) == 0:
             zero = torch.zeros((), dtype=dtype, device=device)
             return QuadraticModel(zero, zero, zero, torch.tensor(False, device=device), level)
-        terms = self._subset_terms(batch, tokens, weights, steps)
-        return QuadraticModel(*(t.sum() for t in terms), torch.tensor(True, device=device), level)
+        terms = self._subset_terms(batch, tokens, weights, steps, group=group)
+        sums = distributed.all_reduce_sum(torch.stack([t.sum() for t in terms]), group)
+        return QuadraticModel(*sums, torch.tensor(True, device=device), level)
 
     @torch.no_grad()
     def observe_step(self) -> None:
@@ -440,29 +448,47 @@ class CurvatureTracker:
         return probs, v, rows, *self.transform.derivatives(z)
 
     def _subset_terms(
-        self, batch: Batch, tokens: Tensor, weights: Tensor, steps: list[StepModel]
+        self,
+        batch: Batch,
+        tokens: Tensor,
+        weights: Tensor,
+        steps: list[StepModel],
+        group: torch.distributed.ProcessGroup | str | None = distributed.LOCAL,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One candidate made of ``tokens``: form its ΔW by row blocks, evaluate it on them."""
+        """One candidate made of ``tokens``: form its ΔW by row blocks, evaluate it on them.
+
+        With a ``group`` other than ``LOCAL``, the candidate is the union of every rank's
+        ``tokens``: its gradient is summed over the group (a collective), and the terms returned
+        are this rank's share.
+        """
         if not self.linear:
-            vu, ufu, vr = generic.subset_moments(self, batch, tokens, weights, steps)
+            vu, ufu, vr = generic.subset_moments(self, batch, tokens, weights, steps, group)
             return candidate_terms(weights, batch.adv[tokens], vu, ufu, vr, self.fisher)
         h = batch.h[tokens]
         coef = batch.adv[tokens] * weights
         m = LogitMoments(tokens.numel(), h.dtype, h.device)
-        for rows, probs, v, d1, d2 in self._row_blocks(batch, tokens):
+        for rows, probs, v, d1, d2 in self._row_blocks(batch, tokens, group):
             cv = v * d1 * coef.unsqueeze(1)
-            delta_w = steps[0](-(cv.T @ h), rows)
+            grad_w = distributed.all_reduce_sum(cv.T @ h, group)
+            delta_w = steps[0](-grad_w, rows)
             u = h @ delta_w.T
             if len(steps) > 1:
-                u = u + steps[1](-cv.sum(0), rows)
+                u = u + steps[1](-distributed.all_reduce_sum(cv.sum(0), group), rows)
             m.add(u * d1, probs, v, None if d2 is None else d2 * u.square())
         return candidate_terms(weights, batch.adv[tokens], m.vu, m.ufu, m.vr, self.fisher)
 
-    def _row_blocks(self, batch: Batch, tokens: Tensor) -> Iterator[tuple]:
+    def _row_blocks(
+        self, batch: Batch, tokens: Tensor, group: torch.distributed.ProcessGroup | str | None
+    ) -> Iterator[tuple]:
         """Blocks of head rows with the tokens' (π, v, φ', φ'') on them, zero outside each
-        token's support: ``(rows, probs [n, r], v [n, r], φ', φ'')``."""
-        n, width = tokens.numel(), batch.h.shape[1]
+        token's support: ``(rows, probs [n, r], v [n, r], φ', φ'')``. With ``group`` the blocks
+        are the same on every rank (sized by the group's token count, over the union of rows)."""
+        width = batch.h.shape[1]
+        n = int(
+            distributed.all_reduce_sum(torch.tensor(tokens.numel(), device=tokens.device), group)
+        )
         step = max(1, CHUNK_ELEMENTS // max(n, width))
+        n = tokens.numel()
         if self.top_k is None:
             lse = self._lse(batch)[tokens]
             acts = batch.actions[tokens]
@@ -476,7 +502,7 @@ class CurvatureTracker:
                 yield slice(r0, r1), probs, v, *self.transform.derivatives(z)
             return
         idx = batch.topk_idx[tokens]
-        rows = torch.unique(idx)
+        rows = distributed.union(idx.flatten(), group)
         pos = torch.searchsorted(rows, idx)
         on_support = self._support(batch, tokens)
         for p0 in range(0, rows.numel(), step):

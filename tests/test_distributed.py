@@ -1,0 +1,104 @@
+"""Two processes (gloo, CPU, DDP) give the decisions, statistics and parameters of one process
+on the concatenated batch: batch level and statistics are global, token and sequence local."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import TinyPolicy, make_batch, policy_loss
+from torch.nn.parallel import DistributedDataParallel
+
+from curvopt import CAPO
+
+WORLD = 2
+# thresholds chosen so that each setting rejects some tokens but not all, and skips a step
+SETTINGS = [
+    dict(direction="exact", top_k=None, levels=("token", "sequence", "batch"), delta_f=2e-4),
+    dict(direction="frozen", top_k=3, levels=("batch", "token"), delta_f=5e-5),
+    dict(direction="shadow", top_k=None, levels=("sequence", "batch"), delta_f=1e-4),
+]
+CAPO_KW = dict(rule="symmetric", delta_h=5e-2, track_realised=True)
+
+
+def make(setting: dict):
+    torch.manual_seed(0)
+    model = TinyPolicy()
+    opt = CAPO(
+        torch.optim.AdamW(model.parameters(), lr=3e-3), head=model.lm_head, **setting, **CAPO_KW
+    )
+    return model, opt
+
+
+def shard(batch: dict, rank: int) -> dict:
+    half = batch["x"].shape[0] // WORLD
+    return {k: v[rank * half : (rank + 1) * half] for k, v in batch.items()}
+
+
+def step(model, opt, batch: dict):
+    """One select on the whole batch; loss = mean over the ranks' shards of their token-mean
+    losses (what DDP's gradient averaging gives when each rank holds one shard)."""
+    h, logits = model(batch["x"])
+    keep = opt.select(h, batch["actions"], batch["advantages"], batch["mask"], logits=logits)
+    half = keep.shape[0] // WORLD
+    losses = [
+        policy_loss(logits[s], batch["actions"][s], batch["advantages"][s], keep[s])
+        for s in (slice(r * half, (r + 1) * half) for r in range(WORLD))
+    ]
+    (sum(losses) / WORLD).backward()
+    opt.step()
+    opt.zero_grad()
+    return keep, dict(opt.stats)
+
+
+def worker(rank: int, init: str, setting: dict, batches: list[dict], path: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        model, opt = make(setting)
+        ddp = DistributedDataParallel(model)
+        results = []
+        for batch in batches:
+            part = shard(batch, rank)
+            h, logits = ddp(part["x"])
+            keep = opt.select(h, part["actions"], part["advantages"], part["mask"], logits=logits)
+            policy_loss(logits, part["actions"], part["advantages"], keep).backward()
+            opt.step()
+            opt.zero_grad()
+            results.append((keep, dict(opt.stats)))
+        torch.save(
+            {"results": results, "params": [p.detach() for p in model.parameters()]},
+            f"{path}.{rank}",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s["direction"])
+def test_two_ranks_match_one_process_on_the_concatenated_batch(setting, monkeypatch):
+    here = os.path.dirname(os.path.abspath(__file__))  # spawned workers import this module
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    batches = [make_batch(i, B=4) for i in range(3)]
+    model, opt = make(setting)
+    single = [step(model, opt, b) for b in batches]
+    with tempfile.TemporaryDirectory() as tmp:
+        init = f"file://{os.path.join(tmp, 'rendezvous')}"
+        path = os.path.join(tmp, "out")
+        mp.spawn(worker, args=(init, setting, batches, path), nprocs=WORLD, join=True)
+        ranks = [torch.load(f"{path}.{r}", weights_only=False) for r in range(WORLD)]
+    rejected = 0.0
+    for i, (keep, stats) in enumerate(single):
+        assert torch.equal(torch.cat([r["results"][i][0] for r in ranks]), keep), f"step {i}"
+        rejected += stats["rejected_frac"]
+        for r in ranks:
+            other = r["results"][i][1]
+            assert other.keys() == stats.keys()
+            for k, v in stats.items():
+                assert other[k] == pytest.approx(v, rel=1e-4, abs=1e-10), (i, k)
+    assert 0 < rejected < len(single)  # decisions are exercised
+    for p0, p1, p in zip(ranks[0]["params"], ranks[1]["params"], model.parameters(), strict=True):
+        assert torch.equal(p0, p1)
+        torch.testing.assert_close(p0, p.detach(), rtol=1e-5, atol=1e-6)
