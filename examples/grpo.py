@@ -309,6 +309,12 @@ def train_step(
             add("loss", loss.item() / len(chunks))
             add("clip_frac", stats["clip_frac"].item() / len(chunks))
             add("kl_ref", stats["kl"].item() / len(chunks))
+            if capo:
+                # which side of the baseline CAPO's rejections fall on
+                adv = advantages[rows, None].expand_as(mask)
+                for side, sel in (("pos", mask & (adv > 0)), ("neg", mask & (adv < 0))):
+                    add(f"tokens_{side}", sel.sum().item())
+                    add(f"rejected_{side}", (sel & ~keep).sum().item())
         add(
             "grad_norm",
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item(),
@@ -328,7 +334,12 @@ def train_step(
             ):
                 add(key, s[key])
             add("policy_shift_realised", s.get("policy_shift_realised", 0.0))
-    out = {k: v / cfg.num_iterations for k, v in sums.items()}
+    sides = {}
+    if capo:
+        for side in ("pos", "neg"):
+            n = sums.pop(f"tokens_{side}")
+            sides[f"rejected_frac_{side}"] = sums.pop(f"rejected_{side}") / n if n else 0.0
+    out = {k: v / cfg.num_iterations for k, v in sums.items()} | sides
     if capo:
         # token counts add up over the iterations rather than average
         out["tokens"], out["kept_tokens"] = sums["tokens"], sums["kept_tokens"]
