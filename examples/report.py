@@ -23,7 +23,7 @@ COLOURS = {
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average (per-step rejection rates are noisy at a few tokens a step)."""
+    """Trailing moving average (per-step statistics of a few hundred tokens are noisy)."""
     out, total = [], 0.0
     for i, v in enumerate(values):
         total += v - (values[i - window] if i >= window else 0.0)
@@ -31,64 +31,65 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot(summary: dict, metrics: Path, path: Path) -> None:
-    """Test accuracy against training completions for every run, and CAPO's rejection rate."""
+def plot(summary: dict, metrics: Path, path: Path, window: int = 20) -> None:
+    """Three panels against training completions: test accuracy of every run, CAPO's token
+    rejection rate, and the policy's realised KL per step (both ``window``-step averages)."""
     rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line]
-    fig, (acc_ax, rej_ax) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig, (acc_ax, rej_ax, kl_ax) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     labelled = set()
     for run in summary["runs"]:
         key = (run["method"], run["regime"])
-        x, y = zip(*run["curve"])
         label = None if key in labelled else f"{key[0].upper()} {key[1]}"
         labelled.add(key)
-        acc_ax.plot(x, y, color=COLOURS.get(key), alpha=0.85, label=label)
+        style = {"color": COLOURS.get(key), "alpha": 0.8, "label": label}
+        acc_ax.plot(*zip(*run["curve"]), **style)
+        steps = [r for r in rows if (r["method"], r["regime"], r["seed"]) == (*key, run["seed"])]
+        x = [r["completions"] for r in steps]
         if run["method"] == "capo":
-            steps = [
-                r for r in rows if (r["method"], r["regime"], r["seed"]) == (*key, run["seed"])
-            ]
-            rej_ax.plot(
-                [r["completions"] for r in steps],
-                _smooth([100 * r["rejected_frac"] for r in steps], 20),
-                color=COLOURS.get(key),
-                alpha=0.85,
-                label=f"{key[1]}, seed {run['seed']}",
-            )
+            rej_ax.plot(x, _smooth([100 * r["rejected_frac"] for r in steps], window), **style)
+        if steps and "kl_realised" in steps[0]:
+            kl_ax.plot(x, _smooth([r["kl_realised"] for r in steps], window), **style)
     acc_ax.set(xlabel="training completions", ylabel="test accuracy (greedy)", ylim=(0, 1))
     acc_ax.set_title("Test accuracy")
-    acc_ax.legend()
-    rej_ax.set(xlabel="training completions", ylabel="tokens rejected by CAPO (%)")
-    rej_ax.set_title("CAPO token rejection rate (20-step average)")
-    if rej_ax.lines:
-        rej_ax.legend()
-    fig.savefig(path, dpi=120)
+    rej_ax.set(xlabel="training completions", ylabel="completion tokens rejected (%)")
+    rej_ax.set_title(f"CAPO rejection rate ({window}-step average)")
+    kl_ax.set(xlabel="training completions", ylabel="KL(before ‖ after) per token", yscale="log")
+    kl_ax.set_title(f"Policy change per optimizer step ({window}-step average)")
+    for ax in (acc_ax, rej_ax, kl_ax):
+        if ax.lines:
+            ax.legend()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def table(summary: dict) -> str:
-    """One line per method and regime: accuracies (mean ± std over seeds) and rejection rate."""
+    """One line per method and regime, mean ± std over seeds (in %): test accuracy at the start,
+    at the end, at its best and at its lowest after the start, and CAPO's token rejection rate."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for run in summary["runs"]:
         groups[(run["method"], run["regime"])].append(run)
 
-    def stat(runs: list[dict], key: str, scale: float = 100.0) -> str:
-        values = [scale * r[key] for r in runs]
+    def stat(values: list[float]) -> str:
+        values = [100 * v for v in values]
         if len(values) == 1:
             return f"{values[0]:.1f}"
         return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
-    header = (
-        f"{'method':<6} {'regime':<13} {'lr':>8} {'compl/step':>10} {'seeds':>5} "
-        f"{'initial %':>11} {'final %':>11} {'best %':>11} {'rejected %':>11}"
+    columns = ["initial", "final", "best", "lowest", "rejected"]
+    header = f"{'method':<6} {'regime':<13} {'lr':>8} {'compl/step':>10} {'seeds':>5} " + " ".join(
+        f"{c + ' %':>12}" for c in columns
     )
     lines = [header, "-" * len(header)]
     for (method, regime), runs in groups.items():
-        accuracies = [
-            stat(runs, key) for key in ("initial_accuracy", "final_accuracy", "best_accuracy")
+        cells = [
+            stat([r["initial_accuracy"] for r in runs]),
+            stat([r["final_accuracy"] for r in runs]),
+            stat([r["best_accuracy"] for r in runs]),
+            stat([min(a for _, a in r["curve"][1:]) for r in runs]),
+            stat([r["rejected_frac"] for r in runs]),
         ]
         lines.append(
             f"{method:<6} {regime:<13} {runs[0]['lr']:>8.1e} {runs[0]['completions_per_step']:>10} "
-            f"{len(runs):>5} "
-            + " ".join(f"{a:>11}" for a in accuracies)
-            + f" {stat(runs, 'rejected_frac'):>11}"
+            f"{len(runs):>5} " + " ".join(f"{c:>12}" for c in cells)
         )
     return "\n".join(lines)
