@@ -46,6 +46,7 @@ from grpo_loss import LossType, group_advantages, policy_loss, token_logps
 from rollout import Rollout, greedy_accuracy, rollout
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 import curvopt
 
@@ -480,18 +481,25 @@ def main(argv: list[str] | None = None) -> dict:
     """Run every planned run, write the outputs, print the table; returns the summary."""
     cfg = parse(argv)
     torch.set_num_threads(cfg.threads)
+    # our own bars only: loading a local checkpoint needs no progress report
+    hf_logging.disable_progress_bar()
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     initial, tokenizer, task, source = load_policy(cfg, device)
+    planned = plan(cfg)
+    print(
+        f"policy {source} on {device}; {len(task.test)} test problems; {len(planned)} runs of "
+        f"{planned[0].steps * planned[0].prompts * cfg.group} training completions each"
+    )
     runs = []
     with (out / "metrics.jsonl").open("w") as metrics:
 
         def log(row: dict) -> None:
             metrics.write(json.dumps(row) + "\n")
 
-        for run in plan(cfg):
+        for run in planned:
             began = time.time()
             result = train(run, initial, tokenizer, task, cfg, log)
             result["seconds"] = time.time() - began
@@ -506,6 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
     report.plot(summary, out / "metrics.jsonl", out / "accuracy.png")
     print(report.table(summary))
     print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'accuracy.png'}")
+    print(f"total {summary['seconds']:.0f} s")
     return summary
 
 

@@ -147,7 +147,12 @@ def load_or_warm_start(
     """The warm-started model and tokenizer from ``cache_dir``, trained and saved on a miss."""
     path = Path(cache_dir) / spec.key()
     if not (path / "config.json").exists():
+        print(f"warm start: training the starting policy once (cached in {path})")
         model, tokenizer, result = warm_start(spec, device)
+        print(
+            f"warm start: {result['steps']} steps, validation accuracy "
+            f"{result['validation_accuracy']:.1%}"
+        )
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -53,7 +53,9 @@ def plot(summary: dict, metrics: Path, path: Path, window: int = 20) -> None:
     acc_ax.set_title("Test accuracy")
     rej_ax.set(xlabel="training completions", ylabel="completion tokens rejected (%)")
     rej_ax.set_title(f"CAPO rejection rate ({window}-step average)")
-    kl_ax.set(xlabel="training completions", ylabel="KL(before ‖ after) per token", yscale="log")
+    kl_ax.set(xlabel="training completions", ylabel="KL(before ‖ after) per token")
+    if any(max(line.get_ydata(), default=0) > 0 for line in kl_ax.lines):
+        kl_ax.set_yscale("log")  # steps span orders of magnitude
     kl_ax.set_title(f"Policy change per optimizer step ({window}-step average)")
     for ax in (acc_ax, rej_ax, kl_ax):
         if ax.lines:
