@@ -28,10 +28,13 @@ from .directions import (
     AdamStep,
     AffineStep,
     FrozenAdamStep,
+    Restricted,
+    Rows,
     ShadowAdam,
     SignStep,
     StepModel,
     optimizer_steps,
+    restrict,
     unwrap_optimizer,
 )
 from .logits import LogitTransform
@@ -70,6 +73,7 @@ class Batch:
     topk_idx: Tensor | None = None
     topk_logits: Tensor | None = None
     lse: Tensor | None = None
+    top: Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -326,7 +330,7 @@ class CurvatureTracker:
                 u = self._head_logits(h[sl], after, dtype) - z
             u = self.transform.difference(z, u)
             m = LogitMoments(probs.shape[0], dtype, h.device)
-            m.add(u, probs, torch.zeros_like(probs))
+            m.add(u.clone(), probs, torch.zeros_like(probs))
             centred = torch.expm1(u - m.mean.unsqueeze(1))
             kl[sl] = torch.log1p((probs * centred).sum(-1))
             quad[sl] = 0.5 * m.ufu
@@ -378,14 +382,23 @@ class CurvatureTracker:
             return z
         return self._head_logits(batch.h[sl], self.params, batch.h.dtype)
 
-    def _lse(self, batch: Batch) -> Tensor:
-        """log Σ exp φ(z) per token (the policy's normaliser)."""
-        if batch.lse is None:
-            parts = [
-                torch.logsumexp(self.transform(self._logits(batch, sl)), -1)
-                for sl in _chunks(batch.n, max(1, CHUNK_ELEMENTS // batch.vocab))
-            ]
-            batch.lse = torch.cat(parts) if parts else batch.h.new_zeros(0)
+    def _lse(self, batch: Batch, *, top: bool = False) -> Tensor:
+        """log Σ exp φ(z) per token (the policy's normaliser); with ``top``, also stores in
+        ``batch.top`` each token's action and its ``EXACT_ROWS`` largest other logits' rows.
+        One pass over the logits, shared by every level of a selection."""
+        if batch.lse is None or (top and batch.top is None):
+            lse, best = [], []
+            for sl in _chunks(batch.n, max(1, CHUNK_ELEMENTS // batch.vocab)):
+                z = self._logits(batch, sl)
+                if top:
+                    best.append(
+                        _with_action(torch.topk(z, EXACT_ROWS + 1, -1).indices, batch.actions[sl])
+                    )
+                lse.append(torch.logsumexp(self.transform(z), -1))
+            empty = torch.zeros(0, dtype=torch.long, device=batch.h.device)
+            batch.lse = torch.cat(lse) if lse else batch.h.new_zeros(0)
+            if top:
+                batch.top = torch.cat(best) if best else empty.reshape(0, EXACT_ROWS + 1)
         return batch.lse
 
     def _token_terms(
@@ -409,27 +422,90 @@ class CurvatureTracker:
             and support > EXACT_ROWS + 1
         ):
             approx = self._steps(batch.h.dtype, frozen=True)
-        # Full vocabulary: [n, V] temporaries; top-K: gathered rows, [n, K, H].
-        width = batch.vocab if self.top_k is None else self.top_k * batch.h.shape[1]
-        vu = torch.empty(tokens.numel(), dtype=batch.h.dtype, device=batch.h.device)
-        ufu, vr = torch.empty_like(vu), torch.empty_like(vu)
+        if self.top_k is None:
+            m = self._token_moments_full(batch, tokens, weights, steps, approx)
+        else:
+            m = self._token_moments_topk(batch, tokens, weights, steps, approx)
+        return candidate_terms(weights, batch.adv[tokens], m.vu, m.ufu, m.vr, self.fisher)
+
+    def _token_moments_full(
+        self,
+        batch: Batch,
+        tokens: Tensor,
+        weights: Tensor,
+        steps: list[StepModel],
+        approx: list[StepModel],
+    ) -> LogitMoments:
+        """Full vocabulary, by blocks of head rows: each block's step coefficients are computed
+        once for all tokens, so nothing ``[V, H]``-sized is ever materialised."""
+        dtype, device, width = batch.h.dtype, batch.h.device, batch.h.shape[1]
+        h, acts = batch.h[tokens], batch.actions[tokens]
+        coef = batch.adv[tokens] * weights
+        lse = self._lse(batch, top=approx is not steps)[tokens]
+        m = LogitMoments(tokens.numel(), dtype, device)
+        fix_rows = fix = None
+        if approx is not steps:
+            fix_rows = batch.top[tokens]
+            fix = torch.empty(fix_rows.shape, dtype=dtype, device=device)
+            for sl in _chunks(tokens.numel(), max(1, CHUNK_ELEMENTS // (width * EXACT_ROWS))):
+                rows = fix_rows[sl]
+                z = self._gathered_logits(batch, tokens[sl], rows)
+                probs = (self.transform(z) - lse[sl].unsqueeze(1)).exp()
+                v = (rows == acts[sl].unsqueeze(1)).to(dtype) - probs
+                grad = v * self.transform.derivatives(z)[0]
+                fix[sl] = _token_logit_change(h[sl], coef[sl], grad, steps, rows)
+                fix[sl] -= _token_logit_change(h[sl], coef[sl], grad, approx, rows)
+        block = max(1, CHUNK_ELEMENTS // width)
+        for r0 in range(0, batch.vocab, block):
+            r1 = min(r0 + block, batch.vocab)
+            parts = [restrict(step, slice(r0, r1)) for step in approx]
+            for sl in _chunks(tokens.numel(), max(1, CHUNK_ELEMENTS // (r1 - r0))):
+                z = self._block_logits(batch, tokens[sl], r0, r1)
+                probs = self.transform(z).sub_(lse[sl].unsqueeze(1)).exp_()
+                v = probs.neg()
+                hit = ((acts[sl] >= r0) & (acts[sl] < r1)).nonzero().squeeze(1)
+                v[hit, acts[sl][hit] - r0] += 1
+                d1, d2 = self.transform.derivatives(z)
+                grad = v if self.transform.identity else v * d1
+                u = _token_logit_change(h[sl], coef[sl], grad, parts, None)
+                if fix is not None:
+                    inside = (fix_rows[sl] >= r0) & (fix_rows[sl] < r1)
+                    at = (fix_rows[sl] - r0).clamp(0, r1 - r0 - 1)
+                    u.scatter_add_(1, at, torch.where(inside, fix[sl], 0))
+                if not self.transform.identity:
+                    u, r = u * d1, None if d2 is None else d2 * u.square()
+                m.add(u, probs, v, None if self.transform.identity else r, index=sl)
+        return m
+
+    def _token_moments_topk(
+        self,
+        batch: Batch,
+        tokens: Tensor,
+        weights: Tensor,
+        steps: list[StepModel],
+        approx: list[StepModel],
+    ) -> LogitMoments:
+        """Top-K: each token's own K rows, gathered (``[n, K, H]`` per chunk)."""
+        dtype, device = batch.h.dtype, batch.h.device
+        m = LogitMoments(tokens.numel(), dtype, device)
+        width = self.top_k * batch.h.shape[1]
         for sl in _chunks(tokens.numel(), max(1, CHUNK_ELEMENTS // width)):
             tok = tokens[sl]
             h, coef = batch.h[tok], batch.adv[tok] * weights[sl]
             probs, v, rows, d1, d2 = self._support(batch, tok)
             grad = v * d1  # ∂ log π(a) / ∂z: the token's gradient is −c·grad·hᵀ on the weight
-            u = _token_logit_change(h, coef, grad, rows, approx)
+            u = _token_logit_change(h, coef, grad, approx, rows)
             if approx is not steps:
-                pos = _exact_positions(probs, v)
-                exact_rows = pos if rows is None else rows.gather(1, pos)
+                # the action (the one positive entry of v) and the most probable rows
+                score = torch.where(v > 0, torch.full_like(probs, 2.0), probs)
+                pos = torch.topk(score, EXACT_ROWS + 1, -1).indices
+                exact_rows = rows.gather(1, pos)
                 gc = grad.gather(1, pos)
-                fix = _token_logit_change(h, coef, gc, exact_rows, steps)
-                fix = fix - _token_logit_change(h, coef, gc, exact_rows, approx)
+                fix = _token_logit_change(h, coef, gc, steps, exact_rows)
+                fix = fix - _token_logit_change(h, coef, gc, approx, exact_rows)
                 u = u.scatter_add(1, pos, fix)
-            m = LogitMoments(tok.numel(), h.dtype, h.device)
-            m.add(u * d1, probs, v, None if d2 is None else d2 * u.square())
-            vu[sl], ufu[sl], vr[sl] = m.vu, m.ufu, m.vr
-        return candidate_terms(weights, batch.adv[tokens], vu, ufu, vr, self.fisher)
+            m.add(u * d1, probs, v, None if d2 is None else d2 * u.square(), index=sl)
+        return m
 
     def _support(
         self, batch: Batch, tok: Tensor
@@ -516,6 +592,16 @@ class CurvatureTracker:
                 *(_scatter(zero, at, inside, x) for x in on_support[3:]),
             )
 
+    def _gathered_logits(self, batch: Batch, tokens: Tensor, rows: Tensor) -> Tensor:
+        """Raw logits ``[n, E]`` of each token at its own head rows ``rows [n, E]``."""
+        if batch.logits is not None:
+            return batch.logits[batch.positions[tokens].unsqueeze(1), rows].to(batch.h.dtype)
+        w = self.params[0].detach()[rows].to(batch.h.dtype)
+        z = torch.bmm(w, batch.h[tokens].unsqueeze(2)).squeeze(2)
+        if len(self.params) > 1:
+            z = z + self.params[1].detach()[rows].to(batch.h.dtype)
+        return z
+
     def _block_logits(self, batch: Batch, tokens: Tensor, r0: int, r1: int) -> Tensor:
         if batch.logits is not None:
             return batch.logits[batch.positions[tokens], r0:r1].to(batch.h.dtype)
@@ -538,70 +624,82 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def _exact_positions(probs: Tensor, v: Tensor) -> Tensor:
-    """Support positions ``[n, EXACT_ROWS + 1]``: the action (where ``v > 0``, i.e. e_a − π has
-    its one) first, then the most probable rows."""
-    score = torch.where(v > 0, torch.full_like(probs, 2.0), probs)
-    return torch.topk(score, EXACT_ROWS + 1, dim=-1).indices
+def _with_action(best: Tensor, actions: Tensor) -> Tensor:
+    """``best [n, E]`` indices with each token's action put in place of its last entry when it is
+    not already among them."""
+    missing = ~(best == actions.unsqueeze(1)).any(1)
+    best[missing, -1] = actions[missing]
+    return best
 
 
-def _rows_dot(m: Tensor, x: Tensor, rows: Tensor | None) -> Tensor:
-    """``y[t, k] = m[rows[t, k]] · x[t]``; all rows (``x @ mᵀ``) when ``rows`` is None."""
-    if rows is None:
+def _rows_dot(m: Tensor, x: Tensor) -> Tensor:
+    """``y[t, j] = m_t[j] · x[t]``: ``x @ mᵀ`` for rows shared by all tokens (``m [R, H]``), a
+    batched product for gathered rows (``m [n, K, H]``)."""
+    if m.dim() == 2:
         return x @ m.T
-    return torch.bmm(m[rows], x.unsqueeze(2)).squeeze(2)
+    return torch.bmm(m, x.unsqueeze(2)).squeeze(2)
 
 
 def _token_logit_change(
-    h: Tensor, coef: Tensor, v: Tensor, rows: Tensor | None, steps: list[StepModel]
+    h: Tensor,
+    coef: Tensor,
+    grad: Tensor,
+    weight: list[StepModel] | list[Restricted] | Restricted,
+    rows: Tensor | None,
 ) -> Tensor:
     """Logit change ``u_t`` of each token's own candidate update, on its support rows.
 
-    Token t's loss gradient on the weight is rank one, ``q_t = −c_t v_t h_tᵀ`` (bias: ``−c_t v_t``),
-    with ``c_t = w_t A_t``. For an affine step ``Δ = D + P ⊙ q`` this gives
-    ``u_t = D h_t − c_t v_t ⊙ (P (h_t ⊙ h_t))`` (a scalar P: ``P‖h_t‖²``), for a sign step
-    ``u_t = D h_t + κ·sign(−c_t v_t)‖h_t‖₁``. A frozen Adam step saturates each row's candidate
-    change x as ``x / √(1 + (x / (limit·‖h_t‖₁))²)``, which equals its elementwise saturation when
-    the candidate-to-second-moment ratio is the same across the row, and has the same limits.
-    Adam's exact step is evaluated elementwise.
+    Token t's loss gradient on the weight is rank one, ``q_t = −c_t g_t h_tᵀ`` (bias:
+    ``−c_t g_t``), with ``c_t = w_t A_t`` and ``g_t = ∂ log π(a_t) / ∂z_t``. For an affine step
+    ``Δ = P·q + D`` this gives ``u_t = D h_t − c_t g_t P‖h_t‖²``; for a frozen Adam step
+    ``x_t = −c_t g_t ⊙ (P (h_t ⊙ h_t))`` saturated as ``x / √(1 + (x / (limit·‖h_t‖₁))²)``, which
+    equals its elementwise saturation when the candidate-to-second-moment ratio is the same
+    across the row and has the same limits, plus ``D h_t``; for a sign step
+    ``u_t = D h_t + κ·sign(−c_t g_t)‖h_t‖₁``. Adam's exact step is evaluated elementwise.
 
-    Shapes: ``h [n, H]``, ``coef [n]``, ``v [n, R]``, ``rows`` None (R = V) or ``[n, K]``.
+    ``weight`` is ``[weight step, bias step]`` (or just the weight's), either as step models with
+    ``rows`` (None: all V rows; or ``[n, K]`` per-token rows) or already restricted to the rows.
+    Shapes: ``h [n, H]``, ``coef [n]``, ``grad [n, R]``.
     """
-    step_w = steps[0]
-    cv = -coef.unsqueeze(1) * v
-    if isinstance(step_w, AffineStep):
-        if isinstance(step_w.coef, Tensor):
-            u = cv * _rows_dot(step_w.coef, h * h, rows)
-        else:
-            u = cv * (step_w.coef * (h * h).sum(1, keepdim=True))
-    elif isinstance(step_w, FrozenAdamStep):
-        x = cv * _rows_dot(step_w.coef, h * h, rows)
-        reach = step_w.limit * h.abs().sum(1, keepdim=True)
-        u = x / torch.sqrt(1 + (x / reach).square())
-    elif isinstance(step_w, SignStep):
-        u = torch.sign(cv) * (step_w.scale * h.abs().sum(1, keepdim=True))
+    parts = [restrict(s, rows) if not isinstance(s, Restricted) else s for s in weight]
+    w = parts[0]
+    cv = grad * (-coef).unsqueeze(1)
+    if isinstance(w.step, AffineStep):
+        u = cv * (w.coef * (h * h).sum(1, keepdim=True))
+    elif isinstance(w.step, FrozenAdamStep):
+        x = _rows_dot(w.coef, h * h).mul_(cv)
+        t = x / (w.step.limit * h.abs().sum(1, keepdim=True))
+        u = x.div_(t.square_().add_(1).sqrt_())
+    elif isinstance(w.step, SignStep):
+        u = torch.sign(cv).mul_(w.coef * h.abs().sum(1, keepdim=True))
     else:
-        u = _elementwise_token_change(step_w, h, cv, rows)
-    if not isinstance(step_w, AdamStep) and step_w.drift is not None:
-        u = u + _rows_dot(step_w.drift, h, rows)
-    if len(steps) > 1:
-        u = u + steps[1](cv, slice(None) if rows is None else rows)
+        u = _elementwise_token_change(w.step, h, cv, w.rows)
+    if w.drift is not None:
+        u = u.addmm_(h, w.drift.T) if w.drift.dim() == 2 else u.add_(_rows_dot(w.drift, h))
+    if len(parts) > 1:
+        u = u.add_(parts[1](cv))
     return u
 
 
-def _elementwise_token_change(
-    step: StepModel, h: Tensor, cv: Tensor, rows: Tensor | None
-) -> Tensor:
+def _elementwise_token_change(step: StepModel, h: Tensor, cv: Tensor, rows: Rows) -> Tensor:
     """Σ_c Δ_{t,j,c} h_{t,c} with Δ = step(q_t) formed elementwise, in blocks of rows (any step
-    model; the only way for Adam's exact step, and the oracle of the closed forms)."""
+    model; the only way for Adam's exact step, and the oracle of the closed forms).
+
+    ``rows``: None (the columns of ``cv`` are all head rows), a slice of head rows, or ``[n, K]``.
+    """
     n, width = cv.shape
     out = torch.empty_like(cv)
     block = max(1, CHUNK_ELEMENTS // max(1, n * h.shape[1]))
-    for r0 in range(0, width, block):
-        r1 = min(r0 + block, width)
-        q = cv[:, r0:r1].unsqueeze(2) * h.unsqueeze(1)
-        sel = slice(r0, r1) if rows is None else rows[:, r0:r1]
-        out[:, r0:r1] = (step(q, sel) * h.unsqueeze(1)).sum(2)
+    for c0 in range(0, width, block):
+        c1 = min(c0 + block, width)
+        q = cv[:, c0:c1].unsqueeze(2) * h.unsqueeze(1)
+        if rows is None:
+            sel: Rows = slice(c0, c1)
+        elif isinstance(rows, slice):
+            sel = slice(rows.start + c0, rows.start + c1)
+        else:
+            sel = rows[:, c0:c1]
+        out[:, c0:c1] = (step(q, sel) * h.unsqueeze(1)).sum(2)
     return out
 
 
