@@ -15,6 +15,7 @@ goes through :mod:`curvopt.generic` (``torch.func``; exact, slower).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -673,12 +674,62 @@ def _token_logit_change(
     elif isinstance(w.step, SignStep):
         u = torch.sign(cv).mul_(w.coef * h.abs().sum(1, keepdim=True))
     else:
-        u = _elementwise_token_change(w.step, h, cv, w.rows)
+        u = _adam_token_change(w.step, h, cv, w.rows)
     if w.drift is not None:
         u = u.addmm_(h, w.drift.T) if w.drift.dim() == 2 else u.add_(_rows_dot(w.drift, h))
     if len(parts) > 1:
         u = u.add_(parts[1](cv))
     return u
+
+
+def _adam_token_change(step: AdamStep, h: Tensor, cv: Tensor, rows: Rows) -> Tensor:
+    """Adam's exact per-token step on rows, as few passes as eager PyTorch allows.
+
+    With the rank-one loss gradient ``q = cv ⊗ h`` (plus λ·p with L2 decay), in blocks of rows::
+
+        u_j = −lr/(1-β1^k)·√(1-β2^k) · Σ_c m'_jc h_c / (√v'_jc + ε√(1-β2^k))  − [dec.] lr·λ·p_j·h
+
+    which is :class:`~curvopt.directions.AdamStep` summed against h, rearranged so the gathered
+    moments are updated in place.
+    """
+    n, width = cv.shape
+    out = torch.empty_like(cv)
+    block = max(1, CHUNK_ELEMENTS // max(1, n * h.shape[1]))
+    k = step.step + 1
+    root = math.sqrt(1 - step.beta2**k)
+    decoupled = step.weight_decay and step.decoupled
+    for c0 in range(0, width, block):
+        c1 = min(c0 + block, width)
+        sel = _column_rows(rows, c0, c1)
+        q = cv[:, c0:c1].unsqueeze(2) * h.unsqueeze(1)
+        if step.weight_decay and not step.decoupled:
+            q.add_(step._read(step.param, sel), alpha=step.weight_decay)
+        if step.exp_avg is None:
+            v = q.square().mul_(1 - step.beta2)
+            m = q.mul_(1 - step.beta1)
+        else:
+            # out of place: the state read may be a view of the optimizer's own tensors
+            v = torch.addcmul(
+                step._read(step.exp_avg_sq, sel) * step.beta2, q, q, value=1 - step.beta2
+            )
+            m = torch.lerp(step._read(step.exp_avg, sel), q, 1 - step.beta1)
+        if step.max_exp_avg_sq is not None:
+            v = torch.maximum(v, step._read(step.max_exp_avg_sq, sel))
+        m.div_(v.sqrt_().add_(step.eps * root))
+        u = torch.bmm(m, h.unsqueeze(2)).squeeze(2).mul_(-step.step_size * root)
+        if decoupled:
+            u.sub_(_rows_dot(step._read(step.param, sel), h), alpha=step.lr * step.weight_decay)
+        out[:, c0:c1] = u
+    return out
+
+
+def _column_rows(rows: Rows, c0: int, c1: int) -> Rows:
+    """The head rows of support columns ``c0:c1`` (``rows``: None = all, a slice, or [n, K])."""
+    if rows is None:
+        return slice(c0, c1)
+    if isinstance(rows, slice):
+        return slice(rows.start + c0, rows.start + c1)
+    return rows[:, c0:c1]
 
 
 def _elementwise_token_change(step: StepModel, h: Tensor, cv: Tensor, rows: Rows) -> Tensor:
@@ -693,13 +744,7 @@ def _elementwise_token_change(step: StepModel, h: Tensor, cv: Tensor, rows: Rows
     for c0 in range(0, width, block):
         c1 = min(c0 + block, width)
         q = cv[:, c0:c1].unsqueeze(2) * h.unsqueeze(1)
-        if rows is None:
-            sel: Rows = slice(c0, c1)
-        elif isinstance(rows, slice):
-            sel = slice(rows.start + c0, rows.start + c1)
-        else:
-            sel = rows[:, c0:c1]
-        out[:, c0:c1] = (step(q, sel) * h.unsqueeze(1)).sum(2)
+        out[:, c0:c1] = (step(q, _column_rows(rows, c0, c1)) * h.unsqueeze(1)).sum(2)
     return out
 
 

@@ -91,7 +91,7 @@ def test_frozen_adam_is_bounded_by_its_limit_and_linear_when_unsaturated(seed, n
         dtype=F64,
     )
     zero_m = torch.zeros(V, H, dtype=F64)  # no momentum: Δ is the candidate's share alone
-    for scale, saturated in ((1e-12, True), (1e12, False)):
+    for scale, saturated in ((1e-24, True), (1e12, False)):
         v = torch.rand(V, H, generator=g, dtype=F64) * scale
         step = FrozenAdamStep(torch.randn(V, H, generator=g, dtype=F64), zero_m, v, **hyper)
         u = _token_logit_change(h, coef, grad, [step], None)
