@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import distributed, generic
+from . import distributed, generic, wholemodel
 from .directions import (
     SUPPORTED_OPTIMIZERS,
     AdamStep,
@@ -75,6 +75,7 @@ class Batch:
     topk_logits: Tensor | None = None
     lse: Tensor | None = None
     top: Tensor | None = None
+    forward: wholemodel.Forward | None = None
 
     @property
     def n(self) -> int:
@@ -133,6 +134,8 @@ class CurvatureTracker:
         logit_scale: float = 1.0,
         softcap: float | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
+        params: str | Sequence[nn.Module | nn.Parameter] = "head",
+        model: nn.Module | None = None,
     ) -> None:
         if not isinstance(head, nn.Module):
             raise TypeError(f"head: expected an nn.Module, got {type(head).__name__}")
@@ -159,21 +162,33 @@ class CurvatureTracker:
                 f"{type(base).__module__}.{type(base).__qualname__}. "
                 "Use direction='shadow' for other optimizers."
             )
-        self.names, self.params = [], []
-        for name, p in head.named_parameters():
-            if p.requires_grad:
-                self.names.append(name)
-                self.params.append(p)
-        if not self.params:
-            raise ValueError("head: has no trainable parameters")
+        self.whole = not (isinstance(params, str) and params == "head")
+        if self.whole:
+            if not isinstance(model, nn.Module):
+                raise TypeError(
+                    "model: tracking params other than 'head' needs the model (an nn.Module) "
+                    f"that maps inputs to logits, got {type(model).__name__}"
+                )
+            if top_k is not None:
+                raise ValueError("top_k: only supported with params='head'")
+            self.names, self.params = wholemodel.resolve_params(params, model)
+        else:
+            self.names, self.params = [], []
+            for name, p in head.named_parameters():
+                if p.requires_grad:
+                    self.names.append(name)
+                    self.params.append(p)
+            if not self.params:
+                raise ValueError("head: has no trainable parameters")
         in_optimizer = {id(p) for g in base.param_groups for p in g["params"]}
         missing = [n for n, p in zip(self.names, self.params) if id(p) not in in_optimizer]
         if missing:
             raise ValueError(
-                f"head: parameters {missing} are not in the optimizer's param_groups; "
-                "pass the optimizer that trains the head"
+                f"{'params' if self.whole else 'head'}: parameters {missing} are not in the "
+                "optimizer's param_groups; pass the optimizer that trains them"
             )
         self.head = head
+        self.model = model
         self.optimizer = base
         self.top_k = top_k
         self.fisher: Fisher = fisher
@@ -193,6 +208,7 @@ class CurvatureTracker:
         *,
         level: Level = "token",
         logits: Tensor | None = None,
+        forward: wholemodel.Forward | None = None,
     ) -> QuadraticModel:
         """The quadratic model of every candidate at ``level``.
 
@@ -204,30 +220,52 @@ class CurvatureTracker:
             level: ``"token"`` (w=1) → ``[B, T]``; ``"sequence"`` (w=1/|b|) → ``[B]``;
                 ``"batch"`` (GRPO weighting w=1/(B'|b|), B' sequences with a token) → scalar.
             logits: optional ``[B, T, V]`` head outputs for ``hidden``, to avoid recomputing them.
+            forward: with ``params`` other than ``"head"``, a callable mapping the model to the
+                raw logits ``[B, T, V]`` of these completion tokens (``hidden`` may be None);
+                the candidates are then exact over the tracked parameters
+                (:mod:`curvopt.wholemodel`; for small models).
 
         Returns:
             A :class:`~curvopt.QuadraticModel`; entries that are not candidates are 0.
         """
         if level not in LEVELS:
             raise ValueError(f"level: expected one of {LEVELS}, got {level!r}")
-        return self.evaluate(self.prepare(hidden, actions, advantages, mask, logits), level)
+        return self.evaluate(
+            self.prepare(hidden, actions, advantages, mask, logits, forward=forward), level
+        )
 
     @torch.no_grad()
     def prepare(
         self,
-        hidden: Tensor,
+        hidden: Tensor | None,
         actions: Tensor,
         advantages: Tensor,
         mask: Tensor,
         logits: Tensor | None = None,
+        *,
+        forward: wholemodel.Forward | None = None,
     ) -> Batch:
         """Validate the inputs and gather the masked-in tokens (shared by several levels)."""
-        mask = _validate(hidden, actions, advantages, mask, logits, self.params[0].device)
-        B, T, H = hidden.shape
+        if self.whole:
+            if not callable(forward):
+                raise TypeError(
+                    "forward: tracking params other than 'head' needs a callable mapping the "
+                    f"model to the completion logits [B, T, V], got {type(forward).__name__}"
+                )
+            if logits is None:
+                logits = forward(self.model).detach()
+        elif hidden is None:
+            raise TypeError("hidden: expected a torch.Tensor, got NoneType")
+        device = self.params[0].device
+        mask = _validate(hidden, actions, advantages, mask, logits, device)
+        B, T = actions.shape
         dtype = self._dtype(hidden)
         positions = mask.reshape(-1).nonzero().squeeze(1)
         seq = torch.div(positions, T, rounding_mode="floor")
-        h = hidden.detach().reshape(B * T, H)[positions].to(dtype)
+        if hidden is None:
+            h = torch.zeros(positions.numel(), 0, dtype=dtype, device=device)
+        else:
+            h = hidden.detach().reshape(B * T, -1)[positions].to(dtype)
         acts = actions.reshape(-1)[positions]
         adv = advantages.detach()
         adv = (adv[seq] if adv.dim() == 1 else adv.reshape(-1)[positions]).to(dtype)
@@ -241,6 +279,10 @@ class CurvatureTracker:
         if self.top_k is not None and self.top_k > vocab:
             raise ValueError(f"top_k: {self.top_k} exceeds the vocabulary size {vocab}")
         batch = Batch((B, T), mask, positions, seq, h, acts, adv, vocab, flat_logits)
+        batch.forward = forward
+        if self.whole:
+            # the logits are checked finite when read; here they are only needed for that
+            self._logits(batch, slice(None))
         if self.top_k is not None and batch.n:
             vals, idxs = [], []
             for sl in _chunks(batch.n, max(1, CHUNK_ELEMENTS // vocab)):
@@ -266,6 +308,8 @@ class CurvatureTracker:
         tokens = sel.nonzero().squeeze(1)
         counts = torch.bincount(batch.seq[tokens], minlength=B).to(dtype)
         steps = self._steps(dtype, frozen=False)
+        if self.whole:
+            return self._evaluate_whole(batch, level, tokens, counts, steps)
         if level == "token":
             weights = torch.ones(tokens.numel(), dtype=dtype, device=device)
             terms = self._token_terms(batch, tokens, weights, steps)
@@ -294,6 +338,121 @@ class CurvatureTracker:
         terms = self._subset_terms(batch, tokens, weights, steps, group=group)
         sums = distributed.all_reduce_sum(torch.stack([t.sum() for t in terms]), group)
         return QuadraticModel(*sums, torch.tensor(True, device=device), level)
+
+    def _evaluate_whole(
+        self,
+        batch: Batch,
+        level: Level,
+        tokens: Tensor,
+        counts: Tensor,
+        steps: list[StepModel],
+    ) -> QuadraticModel:
+        """Exact candidates over the tracked parameters (see :mod:`curvopt.wholemodel`)."""
+        B, T = batch.shape
+        dtype, device = batch.h.dtype, batch.h.device
+        if level == "batch" and distributed.active(self.process_group):
+            raise ValueError(
+                "params: whole-model batch candidates are not reduced over a process group; "
+                "use token or sequence levels, or params='head', under torch.distributed"
+            )
+        pos, seqs = batch.positions[tokens], batch.seq[tokens]
+        weights = 1.0 / counts[seqs] if level != "token" else torch.ones_like(batch.adv[tokens])
+        if level == "token":
+            groups = [torch.tensor([i], device=device) for i in range(tokens.numel())]
+        elif level == "sequence":
+            groups = [(seqs == b).nonzero().squeeze(1) for b in range(B) if counts[b] > 0]
+        else:
+            weights = weights / (counts > 0).sum().clamp(min=1)
+            groups = [torch.arange(tokens.numel(), device=device)] if tokens.numel() else []
+        flat_actions = torch.zeros(B * T, dtype=torch.long, device=device)
+        flat_actions[pos] = batch.actions[tokens]
+        flat_adv = torch.zeros(B * T, dtype=dtype, device=device)
+        flat_adv[pos] = batch.adv[tokens]
+        moments = wholemodel.candidate_moments(
+            self, batch.forward, flat_actions.reshape(B, T), flat_adv.reshape(B, T),
+            [(pos[g], weights[g]) for g in groups], steps, dtype,
+        )  # fmt: skip
+        shape = {"token": (B * T,), "sequence": (B,), "batch": ()}[level]
+        out = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(3)]
+        cand = torch.zeros(shape, dtype=torch.bool, device=device)
+        for g, m in zip(groups, moments):
+            terms = candidate_terms(
+                weights[g], batch.adv[tokens][g], m.vu, m.ufu, m.vr, self.fisher
+            )
+            index = {"token": pos[g][0], "sequence": seqs[g][0], "batch": ()}[level]
+            for o, t in zip(out, terms):
+                o[index] = t.sum()
+            cand[index] = True
+        if level == "token":
+            return QuadraticModel(*(o.reshape(B, T) for o in out), cand.reshape(B, T), level)
+        return QuadraticModel(*out, cand, level)
+
+    @torch.no_grad()
+    def step_model(
+        self,
+        actions: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        *,
+        hidden: Tensor | None = None,
+        logits: Tensor | None = None,
+        forward: wholemodel.Forward | None = None,
+        fisher: Fisher | None = None,
+        curvature: bool = False,
+    ) -> QuadraticModel:
+        """Token by token, the quadratic model of the update the optimizer is about to take.
+
+        After ``backward()``, the update Δθ of the tracked parameters is known from the
+        optimizer's state and the current ``.grad`` (exactly, with weight decay and momentum,
+        without stepping). For every masked-in token this returns, at level ``"token"``
+        (``[B, T]``), ``first_order = A_t v_tᵀu_t``, ``second_order = ½A_t[(v_tᵀu_t)² − u_tᵀF_tu_t
+        + v_tᵀr_t]`` and ``policy_shift`` (½u_tᵀF_tu_t with ``fisher="true"``: the second-order
+        model of the token's KL; ``fisher`` defaults to the tracker's), with ``u_t = J_tΔθ`` the
+        token's logit change. Weight the terms as your loss weights tokens to get the batch's.
+
+        ``params="head"`` needs ``hidden`` (the logit change is ``ΔW h + Δb``); otherwise
+        ``forward`` (one forward-mode pass through the model). ``r_t = Δθᵀ∇²z_tΔθ``, the logits'
+        own curvature, is zero for a linear head; for the whole model it needs a nested
+        forward-mode pass and is included only with ``curvature=True``.
+        """
+        batch = self.prepare(hidden, actions, advantages, mask, logits, forward=forward)
+        B, T = batch.shape
+        dtype, device = batch.h.dtype, batch.h.device
+        deltas = wholemodel.planned_update(
+            self._steps(dtype, frozen=False), self.params, self.optimizer
+        )
+        if self.whole:
+            z, u, r = wholemodel.step_logit_change(
+                self.model, self.names, self.params, deltas, forward, curvature=curvature
+            )
+            z, u = (x.reshape(B * T, -1)[batch.positions].to(dtype) for x in (z, u))
+            if r is not None:
+                r = r.reshape(B * T, -1)[batch.positions].to(dtype)
+        else:
+            z = self._logits(batch, slice(None))
+            params = [p.detach().to(dtype) for p in self.params]
+            if self.linear:
+                u = self._head_logits(batch.h, deltas, dtype)
+                r = None
+            else:
+                change = generic._change(self.head, self.names, tuple(params), None)
+                with torch.enable_grad():
+                    u, r = torch.func.vmap(change, in_dims=(0, None))(batch.h, tuple(deltas))
+        d1, d2 = self.transform.derivatives(z)
+        probs = torch.softmax(self.transform(z), -1)
+        v = -probs
+        v[torch.arange(batch.n, device=device), batch.actions] += 1
+        rt = None
+        if r is not None or d2 is not None:
+            rt = (0 if r is None else r * d1) + (0 if d2 is None else d2 * u.square())
+        m = LogitMoments(batch.n, dtype, device)
+        m.add(u * d1, probs, v, rt)
+        ones = torch.ones(batch.n, dtype=dtype, device=device)
+        terms = candidate_terms(ones, batch.adv, m.vu, m.ufu, m.vr, fisher or self.fisher)
+        out = [torch.zeros(B * T, dtype=dtype, device=device) for _ in range(3)]
+        for o, t in zip(out, terms):
+            o[batch.positions] = t
+        return QuadraticModel(*(o.reshape(B, T) for o in out), batch.mask, "token")
 
     @torch.no_grad()
     def observe_step(self) -> None:
@@ -347,8 +506,10 @@ class CurvatureTracker:
 
     # ------------------------------------------------------------------ internals
 
-    def _dtype(self, hidden: Tensor) -> torch.dtype:
-        if hidden.dtype == torch.float64 or any(p.dtype == torch.float64 for p in self.params):
+    def _dtype(self, hidden: Tensor | None) -> torch.dtype:
+        if hidden is not None and hidden.dtype == torch.float64:
+            return torch.float64
+        if any(p.dtype == torch.float64 for p in self.params):
             return torch.float64
         return torch.float32
 
@@ -749,36 +910,40 @@ def _elementwise_token_change(step: StepModel, h: Tensor, cv: Tensor, rows: Rows
 
 
 def _validate(
-    hidden: Tensor,
+    hidden: Tensor | None,
     actions: Tensor,
     advantages: Tensor,
     mask: Tensor,
     logits: Tensor | None,
     device: torch.device,
 ) -> Tensor:
-    """Check shapes, dtypes, devices and finiteness; return the mask as bool."""
+    """Check shapes, dtypes, devices and finiteness; return the mask as bool. ``hidden`` may be
+    None (whole-model tracking), and then ``actions`` sets B and T."""
     for name, t in (
         ("hidden", hidden),
         ("actions", actions),
         ("advantages", advantages),
         ("mask", mask),
     ):
-        if not isinstance(t, Tensor):
+        if not isinstance(t, Tensor) and not (name == "hidden" and t is None):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if logits is not None and not isinstance(logits, Tensor):
         raise TypeError(f"logits: expected a torch.Tensor or None, got {type(logits).__name__}")
-    if not hidden.is_floating_point():
-        raise TypeError(f"hidden: expected a floating-point tensor, got {hidden.dtype}")
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden: expected shape [B, T, H], got {tuple(hidden.shape)}")
-    B, T, _ = hidden.shape
+    if hidden is not None:
+        if not hidden.is_floating_point():
+            raise TypeError(f"hidden: expected a floating-point tensor, got {hidden.dtype}")
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden: expected shape [B, T, H], got {tuple(hidden.shape)}")
     if actions.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"actions: expected an integer tensor, got {actions.dtype}")
-    if tuple(actions.shape) != (B, T):
+    if hidden is not None and tuple(actions.shape) != tuple(hidden.shape[:2]):
         raise ValueError(
-            f"actions: expected shape {(B, T)} to match hidden {tuple(hidden.shape)}, "
-            f"got {tuple(actions.shape)}"
+            f"actions: expected shape {tuple(hidden.shape[:2])} to match hidden "
+            f"{tuple(hidden.shape)}, got {tuple(actions.shape)}"
         )
+    if actions.dim() != 2:
+        raise ValueError(f"actions: expected shape [B, T], got {tuple(actions.shape)}")
+    B, T = actions.shape
     if not advantages.is_floating_point():
         raise TypeError(f"advantages: expected a floating-point tensor, got {advantages.dtype}")
     if tuple(advantages.shape) not in ((B,), (B, T)):
@@ -803,7 +968,7 @@ def _validate(
     ):
         if t is not None and t.device != device:
             raise ValueError(f"{name}: is on {t.device}, but the head is on {device}")
-    if not torch.isfinite(hidden).all():
+    if hidden is not None and not torch.isfinite(hidden).all():
         raise ValueError("hidden: contains non-finite values")
     if not torch.isfinite(advantages).all():
         raise ValueError("advantages: contains non-finite values")
