@@ -474,6 +474,8 @@ class CurvatureTracker:
             change. The KL is evaluated as ``log E_π[exp(u − E_π u)]`` (``log1p``/``expm1``), which
             stays accurate in float32 for the tiny shifts of one step.
         """
+        if self.whole:
+            raise ValueError("params: with whole-model tracking measure with kl_of_change")
         dtype = self._dtype(hidden)
         h = hidden.detach().to(dtype)
         before = [b.detach().to(dtype) for b in before]
@@ -483,18 +485,27 @@ class CurvatureTracker:
         vocab = self._vocab(None, h[:1]) if h.shape[0] else 1
         for sl in _chunks(h.shape[0], max(1, CHUNK_ELEMENTS // vocab)):
             z = self._head_logits(h[sl], before, dtype)
-            probs = torch.softmax(self.transform(z), -1)
-            if self.linear:
+            if self.linear:  # from the parameter change itself: no cancellation in z1 − z0
                 u = self._head_logits(h[sl], [a - b for a, b in zip(after, before)], dtype)
             else:
                 u = self._head_logits(h[sl], after, dtype) - z
-            u = self.transform.difference(z, u)
-            m = LogitMoments(probs.shape[0], dtype, h.device)
-            m.add(u.clone(), probs, torch.zeros_like(probs))
-            centred = torch.expm1(u - m.mean.unsqueeze(1))
-            kl[sl] = torch.log1p((probs * centred).sum(-1))
-            quad[sl] = 0.5 * m.ufu
+            kl[sl], quad[sl] = self.kl_of_change(z, u)
         return kl, quad
+
+    @torch.no_grad()
+    def kl_of_change(self, logits: Tensor, change: Tensor) -> tuple[Tensor, Tensor]:
+        """``(kl, quadratic)`` per row of raw logits ``z [n, V]`` moved by ``u [n, V]``: the exact
+        ``KL(π(z) ‖ π(z + u))`` of the policy (with the logit transform) and its quadratic
+        model ½ũᵀFũ, ũ the policy logits' change. The KL is evaluated as
+        ``log E_π[exp(ũ − E_π ũ)]`` (``log1p``/``expm1``), accurate in float32 for tiny shifts."""
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        z, u = logits.to(dtype), change.to(dtype)
+        probs = torch.softmax(self.transform(z), -1)
+        u = self.transform.difference(z, u)
+        m = LogitMoments(probs.shape[0], dtype, z.device)
+        m.add(u.clone(), probs, torch.zeros_like(probs))
+        kl = torch.log1p((probs * torch.expm1(u - m.mean.unsqueeze(1))).sum(-1))
+        return kl, 0.5 * m.ufu
 
     def state_dict(self) -> dict:
         """The tracker's own state (the shadow moments; empty otherwise)."""
