@@ -1,58 +1,59 @@
 """CAPO inside TRL's ``GRPOTrainer`` (tested with trl 1.16).
 
-:class:`CAPOConfig` adds the CAPO settings to ``GRPOConfig`` (they parse from the command line like
-every TRL option); :class:`CAPOGRPOTrainer` applies them::
+:class:`CAPOConfig` adds the CAPO settings to ``GRPOConfig`` (they parse from the command line
+like every TRL option); :class:`CAPOGRPOTrainer` applies them::
 
-    args = CAPOConfig(output_dir="out", capo_rule="symmetric", capo_delta_h=1e-2, capo_delta_f=1e-4)
+    args = CAPOConfig(output_dir="out", capo_rule="symmetric", capo_delta_h=1e-2)
     trainer = CAPOGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data)
     trainer.train()
 
 How it hooks into TRL, and why:
 
 - The optimizer the trainer creates is wrapped in :class:`curvopt.CAPO` (``create_optimizer``);
-  accelerate then wraps CAPO, so its step is CAPO's, and the LR scheduler, gradient scaler and
-  checkpoints see a real ``torch.optim.Optimizer``.
+  accelerate then wraps CAPO, so the step taken is CAPO's, and the LR scheduler, gradient scaler
+  and checkpoints see a real ``torch.optim.Optimizer``.
 - TRL's loss forward never calls ``lm_head`` (its fused log-prob path multiplies by
   ``lm_head.weight`` directly), so the hidden states are captured by a forward hook on the
-  backbone, which runs once per loss forward, gradient checkpointing or not. They are sliced to the
-  completion positions exactly as TRL slices them (position t predicts token t + 1).
-- ``_compute_loss`` reads its token mask once, before the forward, and uses it only afterwards. The
-  trainer hands TRL a copy of the inputs whose loss mask is a fresh tensor, runs the forward with the
-  real attention mask, and zeroes the rejected tokens in that tensor as soon as the hidden states
-  exist. Every later use (loss numerator and normaliser, KL term, sequence-level importance weights,
-  entropy mask and bonus, metrics) then sees only the kept tokens, and the buffered inputs reused
-  for ``num_iterations > 1`` are never written.
-- ``dapo``, ``cispo`` and ``vespo`` divide by the token count of the whole generation batch, known
-  before any micro-batch runs; the kept count of an optimizer step is known only after its last
-  micro-batch. The accumulated gradient is therefore multiplied by (tokens / kept tokens) of the step,
-  both counted over all processes, before the gradient is clipped.
+  backbone, which runs once per loss forward, gradient checkpointing or not. They are sliced to
+  the completion positions as TRL slices them (the state at position t predicts token t + 1).
+- ``_compute_loss`` reads its token mask once, before the forward, and uses it only afterwards.
+  The trainer hands TRL a copy of the inputs whose loss mask is a fresh tensor, runs the forward
+  with the real attention mask, and zeroes the rejected tokens of that tensor as soon as the
+  hidden states exist. Every later use (the loss numerator and normaliser, the KL term,
+  sequence-level importance weights, the entropy mask and bonus, the metrics) sees only the kept
+  tokens, and the inputs buffered for ``num_iterations > 1`` are never written.
+- ``dapo``, ``cispo`` and ``vespo`` divide by the token count of the generation batch, counted
+  before any micro-batch runs, whereas the kept count of an optimizer step is known only after
+  its last micro-batch. So the accumulated gradient is multiplied by tokens / kept tokens of the
+  step, both counted over all processes, before it is clipped.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from accelerate.utils import is_peft_model
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
 
 from ..capo import CAPO
+from ..rejector import SampleRejector
 
 __all__ = ["CAPOConfig", "CAPOGRPOTrainer"]
 
 # Loss types whose normaliser is the token count of the generation batch (``num_items_in_batch``).
 GLOBAL_NORMALISER = ("cispo", "dapo", "vespo")
-# CAPO statistics logged after every optimizer step, as ``capo/<name>``.
+# CAPO statistics logged after every optimizer step, as ``capo/<name>`` (the last two only with
+# ``capo_track_realised``, on steps that were taken).
 LOGGED_STATS = (
     "rejected_frac",
     "objective_shift_mean",
     "policy_shift_mean",
     "policy_shift_realised",
     "policy_shift_step_model",
-    "skipped_steps",
 )
 
 
@@ -99,41 +100,40 @@ class CAPOConfig(GRPOConfig):
     capo_fisher: Literal["empirical", "true"] = field(
         default="empirical",
         metadata={
-            "help": "Fisher matrix of CAPO's policy shift: 'empirical' (score outer product, as the "
-            "paper's code) or 'true' (the softmax Fisher: the second-order KL of the update)."
+            "help": "Fisher matrix of CAPO's policy shift: 'empirical' (score outer product, as "
+            "the paper's code) or 'true' (the softmax Fisher: the second-order KL of the update)."
         },
     )
     capo_direction: Literal["exact", "frozen", "shadow"] = field(
         default="frozen",
         metadata={
             "help": "How CAPO forms a candidate's update: 'exact' (a copy of the real optimizer "
-            "step), 'frozen' (Adam's second moment held fixed, exact on each token's action and top "
-            "rows) or 'shadow' (frozen, over Adam moments CAPO keeps itself, for optimizers other "
-            "than torch SGD/Adam/AdamW)."
+            "step), 'frozen' (Adam's second moment held fixed, exact on each token's action and "
+            "top rows) or 'shadow' (frozen, over Adam moments CAPO keeps itself, for optimizers "
+            "other than torch SGD/Adam/AdamW)."
         },
     )
     capo_track_realised: bool = field(
         default=False,
         metadata={
             "help": "After each step, measure the head update's exact KL on the kept tokens "
-            "(capo/policy_shift_realised) beside its quadratic model (capo/policy_shift_step_model)."
+            "(capo/policy_shift_realised) beside its quadratic model "
+            "(capo/policy_shift_step_model)."
         },
     )
     capo_allow_tied_head: bool = field(
         default=False,
         metadata={
-            "help": "Allow an lm_head tied to the input embedding. CAPO then models each candidate "
-            "update from the head's own gradient only; the embedding's share of the shared matrix's "
-            "gradient, which also moves the head, is left out of the model. Without this flag a "
-            "tied head raises an error."
+            "help": "Allow an lm_head tied to the input embedding. CAPO then models each "
+            "candidate update from the head's own gradient only; the embedding's share of the "
+            "shared matrix's gradient, which also moves the head, is left out of the model. "
+            "Without this flag a tied head raises an error."
         },
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # Fail at parse time, not after the model is loaded; the values are CAPO's own checks.
-        from ..rejector import SampleRejector
-
+        # fail at parse time rather than once the model is loaded (CAPO's own checks)
         SampleRejector(self.capo_rule, self.capo_delta_h, self.capo_delta_f, self.capo_levels)
         if self.capo_top_k is not None and self.capo_top_k < 1:
             raise ValueError(f"capo_top_k: expected None or >= 1, got {self.capo_top_k}")
@@ -157,17 +157,18 @@ class CAPOGRPOTrainer(GRPOTrainer):
     is the :class:`curvopt.CAPO` wrapping the trainer's optimizer (``None`` until training starts).
 
     Supported: every ``loss_type`` of trl 1.16 (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo,
-    vespo), ``num_iterations > 1``, gradient accumulation, gradient checkpointing, ``beta > 0``,
-    ``temperature``, models with a logit scale or soft-cap, one process or DDP. Raises for DeepSpeed,
-    FSDP and tensor-parallel loading (the head or its step is not whole on each process), for a head
-    tied to the input embedding unless ``capo_allow_tied_head``, for a frozen head (PEFT), and for
-    ``dapo``/``cispo``/``vespo`` together with TRL's entropy bonus or MoE auxiliary loss (their
-    normalisation is applied to the gradient, which would rescale those terms too).
+    vespo), ``num_iterations > 1``, gradient accumulation and checkpointing, ``beta > 0``, tool
+    masks, ``temperature``, models with a logit scale or soft-cap, one process or DDP. Raises for
+    DeepSpeed, FSDP and tensor-parallel loading (the head or its step is not whole on each
+    process), for a head tied to the input embedding unless ``capo_allow_tied_head``, for a frozen
+    head (PEFT), and for ``dapo``/``cispo``/``vespo`` with TRL's entropy bonus or MoE auxiliary
+    loss (their normalisation goes through the gradient, which would rescale those terms too).
 
-    Metrics, reduced over all processes, logged once per optimizer step through TRL's metrics:
-    ``capo/rejected_frac``, ``capo/objective_shift_mean``, ``capo/policy_shift_mean``,
-    ``capo/skipped_steps`` and, with ``capo_track_realised``, ``capo/policy_shift_realised`` and
-    ``capo/policy_shift_step_model`` (see :class:`curvopt.CAPO` for their definitions).
+    Metrics, reduced over all processes, appended to TRL's metrics after every optimizer step (so
+    averaged over the steps of a logging interval): ``capo/rejected_frac``,
+    ``capo/objective_shift_mean``, ``capo/policy_shift_mean``, ``capo/skipped_frac`` (1 for a step
+    CAPO skipped because it kept no token) and, with ``capo_track_realised``, on steps taken,
+    ``capo/policy_shift_realised`` and ``capo/policy_shift_step_model`` (see :class:`curvopt.CAPO`).
     Evaluation computes TRL's loss on all tokens and selects nothing.
     """
 
@@ -188,18 +189,22 @@ class CAPOGRPOTrainer(GRPOTrainer):
     def _policy(self) -> PreTrainedModel:
         """The transformers model whose forward TRL patched (the base model under PEFT)."""
         model = self.accelerator.unwrap_model(self.model)
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+        return model.get_base_model() if is_peft_model(model) else model
 
     def _check_supported(self) -> None:
         args = self.args
         if self.is_deepspeed_enabled:
             raise ValueError(
-                "CAPOGRPOTrainer does not support DeepSpeed: its engine steps the optimizer inside "
-                "backward (so CAPO cannot skip a step that kept no token) and partitions the head's "
-                "gradient (so even capo_direction='shadow' cannot follow it). Train with DDP "
-                "(`accelerate launch --multi_gpu`, no DeepSpeed config)."
+                "CAPOGRPOTrainer does not support DeepSpeed: its engine steps the optimizer "
+                "inside backward (so CAPO cannot skip a step that kept no token) and partitions "
+                "the head's gradient (so even capo_direction='shadow' cannot follow it). Train "
+                "with DDP (`accelerate launch --multi_gpu`, no DeepSpeed config)."
             )
-        if self.is_fsdp_enabled or self.is_fsdp_xla_enabled or self.is_tp_enabled:
+        if (
+            self.is_fsdp_enabled
+            or self.is_fsdp_xla_enabled
+            or self.is_distributed_loading_by_transformers
+        ):
             raise ValueError(
                 "CAPOGRPOTrainer does not support FSDP or tensor parallelism: they shard lm_head, "
                 "and CAPO needs the whole head and its gradient on every process. Train with DDP "
@@ -264,6 +269,7 @@ class CAPOGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ the loss
 
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+        """TRL's loss on a copy of ``inputs`` whose loss mask CAPO narrows during the forward."""
         if not self.model.training or self.capo is None:
             return super()._compute_loss(model, inputs)
         completion_mask = inputs["completion_mask"]
@@ -294,6 +300,8 @@ class CAPOGRPOTrainer(GRPOTrainer):
         *args: Any,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """TRL's log-probabilities; in the loss forward, also select the tokens to train on from
+        the backbone's output and zero the others in the loss mask."""
         batch, self._capo_batch = self._capo_batch, None
         if batch is None:  # generation-time log-probs, the reference model, evaluation
             return super()._get_per_token_logps_and_entropies(
@@ -320,6 +328,7 @@ class CAPOGRPOTrainer(GRPOTrainer):
             )
         # the state at position t predicts token t + 1: the completion's states end one early
         hidden = torch.cat(captured)[:, -logits_to_keep - 1 : -1]
+        hidden = hidden.to(self.capo.tracker.params[0].device)  # as TRL does with a split model
         keep = self.capo.select(hidden, batch.actions, batch.advantages, batch.loss_mask.bool())
         batch.loss_mask.mul_(keep)
         return out
@@ -327,6 +336,8 @@ class CAPOGRPOTrainer(GRPOTrainer):
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> Tensor:
+        """TRL's micro-batch step; at the end of a step's window, the kept-token normalisation of
+        dapo/cispo/vespo (Trainer clips and steps only after this returns)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.loss_type not in GLOBAL_NORMALISER or self.capo is None:
             return loss
@@ -345,20 +356,25 @@ class CAPOGRPOTrainer(GRPOTrainer):
         # the logged loss is summed over the window's micro-batches: rescale that sum too
         return loss + (ratio - 1.0) * window
 
-    def _log_capo(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    def _log_capo(self, *_: Any) -> None:
+        """After each optimizer step (taken or skipped): its window's statistics, already reduced
+        over the processes by CAPO."""
         stats = self.capo.stats
         metrics = self._metrics["train"]
         for name in LOGGED_STATS:
             if name in stats:
                 metrics[f"capo/{name}"].append(stats[name])
+        # CAPO skips a step whose window kept no token; averaged at log time: the skipped fraction
+        metrics["capo/skipped_frac"].append(float(stats["kept_tokens"] == 0))
 
 
 def logit_transform(model: PreTrainedModel) -> tuple[float, float | None]:
     """``(logit_scale, softcap)`` that TRL's fused LM head applies to ``model``'s head outputs.
 
-    The same configuration attributes as trl 1.16's ``add_fused_lm_head``: a soft-cap from
-    ``final_logit_softcapping``; a multiplier from ``logit_scale``, ``output_multiplier`` or
-    ``lm_head_multiplier``, else ``1 / logits_scaling`` (a multiplier for HyperCLOVA X); 1 otherwise.
+    The configuration attributes trl 1.16's ``add_fused_lm_head`` reads: the soft-cap
+    ``final_logit_softcapping``; the multiplier ``logit_scale``, ``output_multiplier`` or
+    ``lm_head_multiplier``, else ``1 / logits_scaling`` (``logits_scaling`` itself for HyperCLOVA
+    X), else 1.
     """
     config = model.config.get_text_config()
     softcap = getattr(config, "final_logit_softcapping", None)
