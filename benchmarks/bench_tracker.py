@@ -12,7 +12,9 @@ mark over the inputs, VmHWM after resetting it; CUDA: ``max_memory_allocated`` o
 3. ``frozen_full`` and ``sgd_full``: curvopt on the full vocabulary, frozen Adam and plain SGD;
 4. ``logits_forward``: ``hidden @ W.T`` and ``log_softmax`` — the floor;
 5. ``step`` / ``step_capo``: one GRPO training step (forward, loss, backward, AdamW step) of a
-   transformers Qwen2 model with this head (``--layers`` layers), without and with CAPO.
+   transformers Qwen2 model with this head (``--layers`` layers), without and with CAPO;
+6. ``forward`` / ``step_model``: that model's forward pass, and the per-token quadratic model of
+   the real update over *all* its parameters (``params="all"``: one forward-mode pass).
 
 The tracker is given the logits, as a training loop has them. Usage::
 
@@ -199,14 +201,45 @@ def grpo_step_times(n_tokens: int, layers: int, device: torch.device, repeats: i
         opt.zero_grad()
         sync(device)
 
+    def forward(m: torch.nn.Module) -> torch.Tensor:
+        return m(ids, logits_to_keep=T + 1).logits[:, :-1]
+
+    whole = curvopt.CurvatureTracker(model.lm_head, plain, params="all", model=model)
+
+    def model_forward() -> None:
+        with torch.no_grad():
+            forward(model)
+        sync(device)
+
+    def whole_step_model() -> None:  # the real step's per-token model over every parameter
+        whole.step_model(ids[:, P:], advantages, mask, forward=forward)
+        sync(device)
+
     for opt in (plain, capo):
         step(opt)  # warm-up (and the optimizers' first steps)
-    times: dict[str, list[float]] = {"step": [], "step_capo": []}
-    for _ in range(repeats):  # interleaved, so drift affects both alike
-        for key, opt in (("step", plain), ("step_capo", capo)):
+    grads = [torch.randn_like(p) * 1e-4 for p in model.parameters()]  # a gradient to step on
+
+    def with_gradient() -> None:
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
+
+    times: dict[str, list[float]] = {k: [] for k in ("step", "step_capo", "forward", "step_model")}
+    runs = (
+        ("step", lambda: step(plain)),
+        ("step_capo", lambda: step(capo)),
+        ("forward", model_forward),
+        ("step_model", whole_step_model),
+    )
+    with_gradient()
+    whole_step_model()  # warm-up
+    for _ in range(repeats):  # interleaved, so drift affects all alike
+        for key, fn in runs:
+            if key == "step_model":
+                with_gradient()
             start = time.perf_counter()
-            step(opt)
+            fn()
             times[key].append(time.perf_counter() - start)
+            plain.zero_grad()
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -265,6 +298,7 @@ def main() -> None:
         "frozen_full_vocab_over_logits_forward": t["frozen_full"] / t["logits_forward"],
         "sgd_full_vocab_over_logits_forward": t["sgd_full"] / t["logits_forward"],
         "capo_step_overhead": t["step_capo"] / t["step"] - 1,
+        "wholemodel_step_model_over_forward": t["step_model"] / t["forward"],
         "machine": machine(device),
         "shapes": {"V": V, "H": H, "K": K, "N": sizes, "layers": args.layers, "dtype": "float32"},
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
