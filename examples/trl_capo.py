@@ -3,7 +3,7 @@
 Everything is built here, offline: problems such as ``12+34=`` with answer ``46``, a
 character-level tokenizer (``tokenizers`` wrapped in ``PreTrainedTokenizerFast``), a small
 ``Qwen2ForCausalLM`` from a config, and a reward that parses the completion (1 for the right sum,
-0.1 for another well-formed number, 0 for anything else). Every ``CAPOConfig`` option parses from
+partial credit for another number, 0 for anything else). Every ``CAPOConfig`` option parses from
 the command line::
 
     python examples/trl_capo.py --smoke                      # 2 steps on CPU, prints the metrics
@@ -100,14 +100,16 @@ def make_problems(n: int, digits: int, seed: int) -> Dataset:
 
 
 def arithmetic_reward(completions: list[str], answer: list[str], **_: object) -> list[float]:
-    """1 when the completion is exactly the sum, 0.1 for another number, 0 for anything else."""
+    """1 for the exact sum; for another number, 0.1 plus up to 0.5 for the digits it gets right
+    (aligned from the units); 0 for anything that is not a number."""
     rewards = []
     for text, target in zip(completions, answer):
         text = text.strip()
         if text == target:
             rewards.append(1.0)
         elif ANSWER.fullmatch(text):
-            rewards.append(0.1)
+            right = sum(a == b for a, b in zip(reversed(text), reversed(target)))
+            rewards.append(0.1 + 0.5 * right / max(len(text), len(target)))
         else:
             rewards.append(0.0)
     return rewards
