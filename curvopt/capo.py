@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,10 +15,22 @@ from .directions import unwrap_optimizer
 from .quadratic import Fisher, Level
 from .rejector import Rule, SampleRejector, Selection
 from .tracker import CurvatureTracker, Direction
+from .wholemodel import Forward
 
 __all__ = ["CAPO"]
 
 _LIFETIME = ("steps", "skipped_steps")
+
+
+@dataclass
+class _MicroBatch:
+    """What ``step()`` needs of one ``select`` call to model or measure the real update."""
+
+    actions: Tensor
+    advantages: Tensor
+    keep: Tensor
+    hidden: Tensor | None
+    forward: Forward | None
 
 
 class CAPO(torch.optim.Optimizer):
@@ -51,10 +65,22 @@ class CAPO(torch.optim.Optimizer):
         top_k, fisher, direction, temperature, logit_scale, softcap: see
             :class:`~curvopt.CurvatureTracker` (the last three describe the policy your loss
             optimises, ``softmax(φ(head(h)))``, e.g. ``temperature`` when it divides the logits).
-        track_realised: after each step, measure the head update's exact KL on the kept tokens
+        track_realised: after each step, measure the update's exact KL on the kept tokens
             (``stats["policy_shift_realised"]``) beside its quadratic model
-            (``stats["policy_shift_step_model"]``); costs two logits products and a copy of the
-            head's parameters.
+            (``stats["policy_shift_step_model"]``): the head's (two logits products and a copy of
+            the head's parameters), or with ``params`` beyond the head the whole model's (a
+            forward before and after the step).
+        params, model: the parameters the quadratic model is over — ``"head"`` (the closed forms),
+            ``"all"`` of ``model``'s trainable parameters, or a list of modules/parameters of
+            ``model`` — see :class:`~curvopt.CurvatureTracker`. Beyond the head, ``select`` needs
+            ``forward`` and the candidates are exact but expensive (small models).
+        max_policy_shift: the curvature-aware step. After ``backward()``, ``step()`` predicts
+            the mean over kept tokens of the KL of the update about to be taken,
+            ``m = mean_t ½u_tᵀF_tu_t`` with ``u_t = J_tΔθ`` over the tracked parameters (one
+            forward-mode pass per micro-batch; weight decay and momentum included), and scales
+            every group's learning rate for this step by ``s = min(1, √(max_policy_shift / m))``
+            (the update is linear in the learning rate, so its predicted shift is ``s²·m``).
+            Reports ``stats["step_policy_shift"]`` (m) and ``stats["step_scale"]`` (s).
         process_group: under ``torch.distributed`` (DDP: same head and optimizer state on every
             rank), the batch level and every statistic cover the group's global batch (default:
             the world), so all ranks take the same batch decision and the same skip decision;
@@ -94,10 +120,21 @@ class CAPO(torch.optim.Optimizer):
         softcap: float | None = None,
         track_realised: bool = False,
         process_group: torch.distributed.ProcessGroup | None = None,
+        params: str | Sequence[nn.Module | nn.Parameter] = "head",
+        model: nn.Module | None = None,
+        max_policy_shift: float | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if max_policy_shift is not None and (
+            isinstance(max_policy_shift, bool)
+            or not isinstance(max_policy_shift, (int, float))
+            or not (math.isfinite(max_policy_shift) and max_policy_shift > 0)
+        ):
+            raise ValueError(
+                f"max_policy_shift: expected None or a finite number > 0, got {max_policy_shift!r}"
             )
         self.rejector = SampleRejector(rule, delta_h, delta_f, levels)
         self.tracker = CurvatureTracker(
@@ -110,16 +147,19 @@ class CAPO(torch.optim.Optimizer):
             logit_scale=logit_scale,
             softcap=softcap,
             process_group=process_group,
+            params=params,
+            model=model,
         )
         base = unwrap_optimizer(optimizer)
         super().__init__([dict(g) for g in base.param_groups], base.defaults)
         self.optimizer = optimizer
         self._alias()
         self.track_realised = bool(track_realised)
+        self.max_policy_shift = None if max_policy_shift is None else float(max_policy_shift)
         self._counters = dict.fromkeys(_LIFETIME, 0)
         self._window: dict[str, Tensor] | None = None
         self._open = False
-        self._kept_hidden: list[Tensor] = []
+        self._batches: list[_MicroBatch] = []
         self._realised: dict[str, float] = {}
 
     def _alias(self) -> None:
@@ -143,12 +183,13 @@ class CAPO(torch.optim.Optimizer):
     @torch.no_grad()
     def select(
         self,
-        hidden: Tensor,
+        hidden: Tensor | None,
         actions: Tensor,
         advantages: Tensor,
         mask: Tensor,
         *,
         logits: Tensor | None = None,
+        forward: Forward | None = None,
     ) -> Tensor:
         """The tokens to train on: bool ``[B, T]``, a subset of ``mask``.
 
@@ -158,17 +199,30 @@ class CAPO(torch.optim.Optimizer):
             advantages: ``[B]`` or ``[B, T]``.
             mask: ``[B, T]`` completion mask (bool or 0/1).
             logits: optional ``[B, T, V]`` head outputs for ``hidden`` (saves a logits product).
+            forward: with ``params`` beyond the head, a callable mapping the model to the raw
+                logits ``[B, T, V]`` of these completion tokens (then ``hidden`` may be None);
+                with ``max_policy_shift`` it is called again in ``step()``.
 
         Bad inputs raise before any statistic changes. Several calls between two steps
         (gradient accumulation) add up in ``stats``.
         """
         selection = self.rejector.select(
-            self.tracker, hidden, actions, advantages, mask, logits=logits
+            self.tracker, hidden, actions, advantages, mask, logits=logits, forward=forward
         )
-        self._record(selection, mask, hidden)
+        self._record(selection, mask)
+        if self.track_realised or self.max_policy_shift is not None:
+            self._batches.append(
+                _MicroBatch(
+                    actions.detach(),
+                    advantages.detach(),
+                    selection.keep,
+                    None if hidden is None else hidden.detach(),
+                    forward,
+                )
+            )
         return selection.keep
 
-    def _record(self, selection: Selection, mask: Tensor, hidden: Tensor) -> None:
+    def _record(self, selection: Selection, mask: Tensor) -> None:
         keep = selection.keep
         device = keep.device
         add: dict[str, Tensor] = {
@@ -191,12 +245,10 @@ class CAPO(torch.optim.Optimizer):
         values = distributed.all_reduce_sum(values, group)
         if not self._open:
             self._window, self._open = {}, True
-            self._kept_hidden, self._realised = [], {}
+            self._batches, self._realised = [], {}
         window = self._window
         for k, v in zip(keys, values):
             window[k] = window[k] + v if k in window else v
-        if self.track_realised:
-            self._kept_hidden.append(hidden.detach()[keep])
 
     @property
     def stats(self) -> dict[str, float]:
@@ -231,25 +283,71 @@ class CAPO(torch.optim.Optimizer):
             self._counters["skipped_steps"] += 1
             self._open = False
             return loss
-        measure = self.track_realised and self._open
-        before = [p.detach().clone() for p in self.tracker.params] if measure else None
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        batches = self._batches if self._open else []
+        self._realised = self._plan_scale(batches) if self.max_policy_shift is not None else {}
+        scale = self._realised.get("step_scale", 1.0)
+        measure = self.track_realised and bool(batches)
+        before = self._snapshot(batches) if measure else None
+        lrs = [g["lr"] for g in self.param_groups]
+        if scale < 1.0:
+            for g in self.param_groups:
+                g["lr"] = g["lr"] * scale
+        try:
+            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        finally:
+            for g, lr in zip(self.param_groups, lrs):
+                g["lr"] = lr
         self.tracker.observe_step()
         self._counters["steps"] += 1
         if before is not None:
-            hidden = torch.cat(self._kept_hidden)
-            kl, quad = self.tracker.realised_shift(hidden, before)
-            sums = torch.stack([kl.sum(), quad.sum(), kl.new_tensor(float(kl.numel()))])
-            kl_sum, quad_sum, n = distributed.all_reduce_sum(
-                sums.to(torch.float64), self.tracker.process_group
-            ).tolist()
-            self._realised = {
-                "policy_shift_realised": kl_sum / n if n else 0.0,
-                "policy_shift_step_model": quad_sum / n if n else 0.0,
-            }
-            self._kept_hidden = []
+            self._realised.update(self._measure(batches, before))
+        self._batches = []
         self._open = False
         return loss
+
+    def _plan_scale(self, batches: list[_MicroBatch]) -> dict[str, float]:
+        """Predicted mean KL of the update about to be taken, and the learning-rate scale that
+        brings it to ``max_policy_shift``."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.tracker.params[0].device)
+        for b in batches:
+            qm = self.tracker.step_model(
+                b.actions, b.advantages, b.keep, hidden=b.hidden, forward=b.forward, fisher="true"
+            )
+            total += torch.stack([qm.policy_shift.sum(), b.keep.sum()]).to(total)
+        shift_sum, n = distributed.all_reduce_sum(total, self.tracker.process_group).tolist()
+        predicted = shift_sum / n if n else 0.0
+        scale = min(1.0, math.sqrt(self.max_policy_shift / predicted)) if predicted > 0 else 1.0
+        return {"step_policy_shift": predicted, "step_scale": scale}
+
+    @torch.no_grad()
+    def _snapshot(self, batches: list[_MicroBatch]) -> list[Tensor]:
+        """What the realised shift is measured against: the head's parameters, or with
+        whole-model tracking each micro-batch's logits before the step."""
+        if not self.tracker.whole:
+            return [p.detach().clone() for p in self.tracker.params]
+        return [b.forward(self.tracker.model).detach() for b in batches]
+
+    @torch.no_grad()
+    def _measure(self, batches: list[_MicroBatch], before: list[Tensor]) -> dict[str, float]:
+        """Mean exact KL of the step on the kept tokens, and its quadratic model."""
+        kls, quads = [], []
+        for i, b in enumerate(batches):
+            if self.tracker.whole:
+                z0 = before[i][b.keep]
+                z1 = b.forward(self.tracker.model).detach()[b.keep]
+                kl, quad = self.tracker.kl_of_change(z0, z1.to(z0.dtype) - z0)
+            else:
+                kl, quad = self.tracker.realised_shift(b.hidden[b.keep], before)
+            kls.append(kl.sum())
+            quads.append(quad.sum())
+        n = sum(float(b.keep.sum()) for b in batches)
+        sums = torch.stack([torch.stack(kls).sum(), torch.stack(quads).sum()]).to(torch.float64)
+        sums = torch.cat([sums, sums.new_tensor([n])])
+        kl_sum, quad_sum, n = distributed.all_reduce_sum(sums, self.tracker.process_group).tolist()
+        return {
+            "policy_shift_realised": kl_sum / n if n else 0.0,
+            "policy_shift_step_model": quad_sum / n if n else 0.0,
+        }
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -8,10 +8,13 @@ parameter, so it can be restricted to a set of rows (the output rows of a linear
 ``step(q, rows)`` reads its state at ``rows`` (an integer tensor of any shape ``[..., K]``) and
 returns Δ of the shape of ``q`` (``rows.shape + param.shape[1:]``).
 
-- :class:`AffineStep`: ``Δ = drift + coef ⊙ q`` (SGD in every variant).
+- :class:`AffineStep`: ``Δ = coef·q + drift`` (SGD in every variant).
 - :class:`FrozenAdamStep`: Adam with a fixed preconditioner, saturating like Adam.
-- :class:`SignStep`: ``Δ = drift + scale · sign(q)`` (Adam's first step with ε → 0).
+- :class:`SignStep`: ``Δ = scale·sign(q) + drift`` (Adam's first step with ε → 0).
 - :class:`AdamStep`: Adam/AdamW's exact step with the candidate's own prospective moments.
+
+The models hold references to the optimizer's tensors and compute only the rows they are asked
+for (in the requested dtype), so nothing parameter-sized is materialised per call.
 
 :func:`optimizer_steps` builds them from a real ``torch.optim`` optimizer; :class:`ShadowAdam` keeps
 its own Adam moments for optimizers whose state cannot be read.
@@ -30,80 +33,71 @@ __all__ = [
     "AdamStep",
     "AffineStep",
     "FrozenAdamStep",
+    "Restricted",
     "ShadowAdam",
     "SignStep",
     "StepModel",
+    "adam_step",
     "optimizer_steps",
+    "restrict",
     "unwrap_optimizer",
 ]
 
 SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
-def _rows(t: Tensor | None, rows: Tensor | slice | None) -> Tensor | None:
-    if t is None or rows is None:
-        return t
-    return t[rows]
+Rows = Tensor | slice | None
+
+
+def _rows(t: Tensor | None, rows: Rows, dtype: torch.dtype) -> Tensor | None:
+    """``t`` restricted to ``rows`` (all rows for None), converted to ``dtype``."""
+    if t is None:
+        return None
+    t = t if rows is None else t[rows]
+    return t.to(dtype)
 
 
 @dataclass
 class AffineStep:
-    """Δ = drift + coef ⊙ q. ``coef`` is a float or a tensor of the parameter's shape."""
+    """Δ = coef·q + Σ_i scale_i·tensor_i (the drift: momentum and decay terms)."""
 
-    drift: Tensor | None
-    coef: float | Tensor
+    coef: float
+    drift_terms: tuple[tuple[float, Tensor], ...]
+    dtype: torch.dtype
 
-    def __call__(self, q: Tensor, rows: Tensor | slice | None = None) -> Tensor:
-        coef = _rows(self.coef, rows) if isinstance(self.coef, Tensor) else self.coef
-        out = q * coef
-        drift = _rows(self.drift, rows)
-        return out if drift is None else out + drift
+    def drift(self, rows: Rows = None) -> Tensor | None:
+        out = None
+        for scale, t in self.drift_terms:
+            term = _rows(t, rows, self.dtype) * scale
+            out = term if out is None else out + term
+        return out
 
-
-@dataclass
-class FrozenAdamStep:
-    """Adam's step with a fixed preconditioner, saturated as Adam saturates.
-
-    Elementwise ``Δ = drift + x / √(1 + (x / limit)²)`` with ``x = coef ⊙ q``: linear (the frozen
-    preconditioner) while the candidate's own gradient is small against Adam's second moment, and
-    tending to ``±limit`` — Adam's normalised step, lr/(1-β1^k)·(1-β1)·√((1-β2^k)/(1-β2)) — when it
-    dominates. With the second moment held at ``v₀`` this is exactly Adam's share of the
-    candidate, since ``(x / limit)² = (1-β2) q² / (β2 v₀)`` (ε aside).
-    """
-
-    drift: Tensor | None
-    coef: Tensor
-    limit: float
-
-    def __call__(self, q: Tensor, rows: Tensor | slice | None = None) -> Tensor:
-        x = q * _rows(self.coef, rows)
-        out = x / torch.sqrt(1 + (x / self.limit).square())
-        drift = _rows(self.drift, rows)
-        return out if drift is None else out + drift
+    def __call__(self, q: Tensor, rows: Rows = None) -> Tensor:
+        drift = self.drift(rows)
+        return q * self.coef if drift is None else q * self.coef + drift
 
 
 @dataclass
 class SignStep:
-    """Δ = drift + scale · sign(q): Adam's first step, −lr·q/(|q|+ε), in the limit ε → 0."""
+    """Δ = scale·sign(q) + decay·p: Adam's first step, −lr·q/(|q|+ε), in the limit ε → 0."""
 
-    drift: Tensor | None
     scale: float
+    decay: float
+    param: Tensor
+    dtype: torch.dtype
 
-    def __call__(self, q: Tensor, rows: Tensor | slice | None = None) -> Tensor:
+    def drift(self, rows: Rows = None) -> Tensor | None:
+        return _rows(self.param, rows, self.dtype) * self.decay if self.decay else None
+
+    def __call__(self, q: Tensor, rows: Rows = None) -> Tensor:
+        drift = self.drift(rows)
         out = torch.sign(q) * self.scale
-        drift = _rows(self.drift, rows)
         return out if drift is None else out + drift
 
 
 @dataclass
-class AdamStep:
-    """Adam/AdamW's exact step on loss gradient q with prospective moments (torch.optim.Adam).
-
-    With k = step + 1, q̃ = q + λ·p (L2 decay, ``decoupled=False``)::
-
-        m' = β1·m + (1-β1)·q̃        v' = β2·v + (1-β2)·q̃²     (v' ← max(v_max, v'): amsgrad)
-        Δ  = -lr/(1-β1^k) · m' / (√v' / √(1-β2^k) + ε)  − [decoupled] lr·λ·p
-    """
+class _AdamState:
+    """Adam's hyperparameters and its state for one parameter, read lazily by rows."""
 
     param: Tensor
     exp_avg: Tensor | None
@@ -116,28 +110,129 @@ class AdamStep:
     weight_decay: float
     decoupled: bool
     step: int
+    dtype: torch.dtype
 
-    def __call__(self, q: Tensor, rows: Tensor | slice | None = None) -> Tensor:
-        p = _rows(self.param, rows)
+    @property
+    def step_size(self) -> float:
+        return self.lr / (1 - self.beta1 ** (self.step + 1))
+
+    def _read(self, t: Tensor | None, rows: Rows) -> Tensor | None:
+        return _rows(t, rows, self.dtype)
+
+
+class AdamStep(_AdamState):
+    """Adam/AdamW's exact step on loss gradient q with prospective moments (torch.optim.Adam).
+
+    With k = step + 1, q̃ = q + λ·p (L2 decay, ``decoupled=False``)::
+
+        m' = β1·m + (1-β1)·q̃        v' = β2·v + (1-β2)·q̃²     (v' ← max(v_max, v'): amsgrad)
+        Δ  = -lr/(1-β1^k) · m' / (√v' / √(1-β2^k) + ε)  − [decoupled] lr·λ·p
+    """
+
+    def __call__(self, q: Tensor, rows: Rows = None) -> Tensor:
+        p = self._read(self.param, rows)
         if self.weight_decay and not self.decoupled:
             q = q + self.weight_decay * p
         m = q * (1 - self.beta1)
         v = q * q * (1 - self.beta2)
         if self.exp_avg is not None:
-            m = m + self.beta1 * _rows(self.exp_avg, rows)
-            v = v + self.beta2 * _rows(self.exp_avg_sq, rows)
+            m = m + self.beta1 * self._read(self.exp_avg, rows)
+            v = v + self.beta2 * self._read(self.exp_avg_sq, rows)
         if self.max_exp_avg_sq is not None:
-            v = torch.maximum(v, _rows(self.max_exp_avg_sq, rows))
-        k = self.step + 1
-        step_size = self.lr / (1 - self.beta1**k)
-        denom = v.sqrt() / math.sqrt(1 - self.beta2**k) + self.eps
-        delta = m / denom * (-step_size)
+            v = torch.maximum(v, self._read(self.max_exp_avg_sq, rows))
+        denom = v.sqrt() / math.sqrt(1 - self.beta2 ** (self.step + 1)) + self.eps
+        delta = m / denom * (-self.step_size)
         if self.weight_decay and self.decoupled:
             delta = delta - (self.lr * self.weight_decay) * p
         return delta
 
 
+class FrozenAdamStep(_AdamState):
+    """Adam's step with its second moment held at the zero-candidate value, saturating like Adam.
+
+    With k = step + 1 and the preconditioner ``D = √(β2·v + (1-β2)·(λ_L2 p)²) / √(1-β2^k) + ε``
+    (v ← max(v_max, ·) with amsgrad)::
+
+        coef  = −lr/(1-β1^k)·(1-β1) / D
+        drift = −lr/(1-β1^k)·(β1·m + (1-β1)·λ_L2 p) / D − [decoupled] lr·λ·p
+        Δ     = drift + x / √(1 + (x / limit)²),   x = coef ⊙ q,
+        limit = lr/(1-β1^k)·(1-β1)·√((1-β2^k)/(1-β2))
+
+    Linear in q (the frozen preconditioner) while the candidate's gradient is small against the
+    second moment, and tending to ±limit, Adam's normalised step, when it dominates: with the
+    second moment at v₀, ``(x / limit)² = (1-β2) q² / (β2 v₀)``, so this is Adam's own response to
+    the candidate with the momentum held apart (ε aside).
+    """
+
+    @property
+    def limit(self) -> float:
+        k = self.step + 1
+        return self.step_size * (1 - self.beta1) * math.sqrt((1 - self.beta2**k) / (1 - self.beta2))
+
+    def parts(self, rows: Rows = None) -> tuple[Tensor, Tensor]:
+        """(coef, drift) at ``rows``, computed from the state there (nothing is cached)."""
+        k = self.step + 1
+        p = self._read(self.param, rows)
+        v = self._read(self.exp_avg_sq, rows) * self.beta2
+        l2 = self.weight_decay * p if (self.weight_decay and not self.decoupled) else None
+        if l2 is not None:
+            v = v + (1 - self.beta2) * l2 * l2
+        if self.max_exp_avg_sq is not None:
+            v = torch.maximum(v, self._read(self.max_exp_avg_sq, rows))
+        inv = v.sqrt_().div_(math.sqrt(1 - self.beta2**k)).add_(self.eps).reciprocal_()
+        m = self._read(self.exp_avg, rows) * self.beta1
+        if l2 is not None:
+            m = m + (1 - self.beta1) * l2
+        drift = m.mul_(inv).mul_(-self.step_size)
+        if self.weight_decay and self.decoupled:
+            drift = drift.add_(p, alpha=-self.lr * self.weight_decay)
+        return inv.mul_(-self.step_size * (1 - self.beta1)), drift
+
+    def __call__(self, q: Tensor, rows: Rows = None) -> Tensor:
+        coef, drift = self.parts(rows)
+        x = q * coef
+        return x / torch.sqrt(1 + (x / self.limit).square()) + drift
+
+
 StepModel = AffineStep | FrozenAdamStep | SignStep | AdamStep
+
+
+@dataclass
+class Restricted:
+    """A step model on a set of rows, with its coefficient and drift computed there once.
+
+    ``coef`` is the affine coefficient (:class:`AffineStep`), the sign scale
+    (:class:`SignStep`), the preconditioner at the rows (:class:`FrozenAdamStep`), or None
+    (:class:`AdamStep`, evaluated elementwise from its state).
+    """
+
+    step: StepModel
+    rows: Rows
+    coef: float | Tensor | None
+    drift: Tensor | None
+
+    def __call__(self, q: Tensor) -> Tensor:
+        """Δ for loss gradient ``q`` on these rows (elementwise)."""
+        if isinstance(self.step, AdamStep):
+            return self.step(q, self.rows)
+        if isinstance(self.step, SignStep):
+            out = torch.sign(q) * self.coef
+        elif isinstance(self.step, FrozenAdamStep):
+            x = q * self.coef
+            out = x / torch.sqrt(1 + (x / self.step.limit).square())
+        else:
+            out = q * self.coef
+        return out if self.drift is None else out + self.drift
+
+
+def restrict(step: StepModel, rows: Rows = None) -> Restricted:
+    """``step`` on ``rows`` (None: all rows; a slice; or an index tensor ``[..., K]``)."""
+    if isinstance(step, AdamStep):
+        return Restricted(step, rows, None, None)
+    if isinstance(step, FrozenAdamStep):
+        return Restricted(step, rows, *step.parts(rows))
+    coef = step.coef if isinstance(step, AffineStep) else step.scale
+    return Restricted(step, rows, coef, step.drift(rows))
 
 
 def _float(x: float | Tensor) -> float:
@@ -158,73 +253,21 @@ def _sgd_step(p: Tensor, group: dict, state: dict, dtype: torch.dtype) -> Affine
         a, e = 1.0 + mu * (1 - tau), mu * mu
     else:
         a, e = 1.0 - tau, mu
-    drift = None
+    terms = []
     if wd:
-        drift = p.detach().to(dtype) * (-lr * a * wd)
+        terms.append((-lr * a * wd, p.detach()))
     if e and buf is not None:
-        b = buf.detach().to(dtype) * (-lr * e)
-        drift = b if drift is None else drift + b
-    return AffineStep(drift, -lr * a)
+        terms.append((-lr * e, buf.detach()))
+    return AffineStep(-lr * a, tuple(terms), dtype)
 
 
-def _adam_hyper(group: dict) -> tuple[float, float, float, float, float, bool]:
-    beta1, beta2 = (_float(b) for b in group["betas"])
-    decoupled = bool(group.get("decoupled_weight_decay", False))
-    return _float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], decoupled
-
-
-def _adam_step(
-    p: Tensor,
-    group: dict,
-    state: dict,
-    dtype: torch.dtype,
-    frozen: bool,
-) -> StepModel:
-    lr, beta1, beta2, eps, wd, decoupled = _adam_hyper(group)
-    step = int(_float(state["step"])) if "step" in state else 0
-    has_state = step > 0 and "exp_avg" in state
-    amsgrad = bool(group.get("amsgrad", False))
-
-    def read(key: str) -> Tensor | None:
-        t = state.get(key) if has_state else None
-        return None if t is None else t.detach().to(dtype)
-
-    param = p.detach().to(dtype)
-    if not frozen:
-        return AdamStep(
-            param=param,
-            exp_avg=read("exp_avg"),
-            exp_avg_sq=read("exp_avg_sq"),
-            max_exp_avg_sq=read("max_exp_avg_sq") if amsgrad else None,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=wd,
-            decoupled=decoupled,
-            step=step,
-        )
-    return frozen_adam_step(
-        param,
-        read("exp_avg"),
-        read("exp_avg_sq"),
-        read("max_exp_avg_sq") if amsgrad else None,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=wd,
-        decoupled=decoupled,
-        step=step,
-    )
-
-
-def frozen_adam_step(
+def adam_step(
     param: Tensor,
     exp_avg: Tensor | None,
     exp_avg_sq: Tensor | None,
     max_exp_avg_sq: Tensor | None,
     *,
+    frozen: bool,
     lr: float,
     beta1: float,
     beta2: float,
@@ -232,38 +275,57 @@ def frozen_adam_step(
     weight_decay: float,
     decoupled: bool,
     step: int,
-) -> FrozenAdamStep | SignStep:
-    """Adam's step with the second moment held at its zero-candidate value.
+    dtype: torch.dtype,
+) -> StepModel:
+    """The exact (:class:`AdamStep`) or frozen (:class:`FrozenAdamStep`) model of an Adam step.
 
-    The preconditioner is Adam's at step k = step + 1 with a zero candidate gradient,
-    ``D = √(β2·v + (1-β2)·(λ_L2 p)²) / √(1-β2^k) + ε``; the first moment keeps the candidate's
-    share (1-β1)·q exactly and the momentum and decay go to ``drift``. The candidate's share is
-    saturated like Adam's (:class:`FrozenAdamStep`), so a gradient that dominates the second
-    moment moves each weight by at most Adam's normalised step instead of by q/ε.
-
-    With no state yet (the first step) Adam's step is ``−lr·q/(|q|+ε)``, returned as
-    ``−lr·sign(q)`` (ε → 0; an L2 decay term is left out of the sign).
+    With no state yet (the first step) Adam's step is ``−lr·q/(|q|+ε)`` whatever the state, so
+    the frozen model is :class:`SignStep` (ε → 0; an L2 decay term is left out of the sign).
     """
-    decay = -lr * weight_decay * param if (weight_decay and decoupled) else None
+    state = dict(
+        param=param.detach(),
+        exp_avg=None if exp_avg is None else exp_avg.detach(),
+        exp_avg_sq=None if exp_avg_sq is None else exp_avg_sq.detach(),
+        max_exp_avg_sq=None if max_exp_avg_sq is None else max_exp_avg_sq.detach(),
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+        step=step,
+        dtype=dtype,
+    )
+    if not frozen:
+        return AdamStep(**state)
     if exp_avg is None or exp_avg_sq is None or step == 0:
-        return SignStep(decay, -lr)
-    k = step + 1
-    l2 = weight_decay * param if (weight_decay and not decoupled) else None
-    v = exp_avg_sq * beta2
-    if l2 is not None:
-        v = v + (1 - beta2) * l2 * l2
-    if max_exp_avg_sq is not None:
-        v = torch.maximum(v, max_exp_avg_sq)
-    step_size = lr / (1 - beta1**k)
-    denom = v.sqrt() / math.sqrt(1 - beta2**k) + eps
-    m0 = exp_avg * beta1
-    if l2 is not None:
-        m0 = m0 + (1 - beta1) * l2
-    drift = m0 / denom * (-step_size)
-    if decay is not None:
-        drift = drift + decay
-    limit = step_size * (1 - beta1) * math.sqrt((1 - beta2**k) / (1 - beta2))
-    return FrozenAdamStep(drift, denom.reciprocal() * (-step_size * (1 - beta1)), limit)
+        decay = -lr * weight_decay if (weight_decay and decoupled) else 0.0
+        return SignStep(-lr, decay, param.detach(), dtype)
+    return FrozenAdamStep(**state)
+
+
+def _adam_from_optimizer(
+    p: Tensor, group: dict, state: dict, dtype: torch.dtype, frozen: bool
+) -> StepModel:
+    beta1, beta2 = (_float(b) for b in group["betas"])
+    step = int(_float(state["step"])) if "step" in state else 0
+    has_state = step > 0 and "exp_avg" in state
+    amsgrad = bool(group.get("amsgrad", False))
+    return adam_step(
+        p,
+        state["exp_avg"] if has_state else None,
+        state["exp_avg_sq"] if has_state else None,
+        state.get("max_exp_avg_sq") if (has_state and amsgrad) else None,
+        frozen=frozen,
+        lr=_float(group["lr"]),
+        beta1=beta1,
+        beta2=beta2,
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        decoupled=bool(group.get("decoupled_weight_decay", False)),
+        step=step,
+        dtype=dtype,
+    )
 
 
 def _group_of(optimizer: torch.optim.Optimizer, p: Tensor) -> dict:
@@ -283,8 +345,9 @@ def optimizer_steps(
     """Step models of ``params`` under ``optimizer``'s current state and hyperparameters.
 
     ``frozen=False`` gives the exact step (SGD is affine, so it is exact either way);
-    ``frozen=True`` gives :func:`frozen_adam_step` for Adam/AdamW. Tensors are in ``dtype``.
-    Hyperparameters are read from the param groups now, so schedulers are honoured.
+    ``frozen=True`` the frozen model for Adam/AdamW (:func:`adam_step`). The models read the
+    state lazily, by rows, in ``dtype``; hyperparameters are read from the param groups now, so
+    schedulers are honoured.
     """
     if type(optimizer) not in SUPPORTED_OPTIMIZERS:
         names = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
@@ -299,7 +362,7 @@ def optimizer_steps(
         if isinstance(optimizer, torch.optim.SGD):
             out.append(_sgd_step(p, group, state, dtype))
         else:
-            out.append(_adam_step(p, group, state, dtype, frozen))
+            out.append(_adam_from_optimizer(p, group, state, dtype, frozen))
     return out
 
 
@@ -350,19 +413,25 @@ class ShadowAdam:
         out: list[StepModel] = []
         for i, p in enumerate(self.params):
             lr, beta1, beta2, eps, wd = self._hyper(p)
-            m, v = self._moments(i, dtype)
-            step = self.step if m is not None else 0
-            hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, decoupled=True)
-            param = p.detach().to(dtype)
-            if frozen:
-                out.append(frozen_adam_step(param, m, v, None, step=step, **hyper))
-            else:
-                out.append(AdamStep(param, m, v, None, step=step, **hyper))
+            m, v = self.exp_avg[i], self.exp_avg_sq[i]
+            out.append(
+                adam_step(
+                    p,
+                    m,
+                    v,
+                    None,
+                    frozen=frozen,
+                    lr=lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=eps,
+                    weight_decay=wd,
+                    decoupled=True,
+                    step=self.step if m is not None else 0,
+                    dtype=dtype,
+                )
+            )
         return out
-
-    def _moments(self, i: int, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-        m, v = self.exp_avg[i], self.exp_avg_sq[i]
-        return (None if m is None else m.to(dtype)), (None if v is None else v.to(dtype))
 
     def state_dict(self) -> dict:
         return {

@@ -73,26 +73,42 @@ class LogitMoments:
         self.vu, self.vr = z.clone(), z.clone()
         self.weight, self.mean, self.m2 = z.clone(), z.clone(), z.clone()
 
-    def add(self, u: Tensor, probs: Tensor, v: Tensor, r: Tensor | None = None) -> None:
-        """Add rows: ``u, probs, v, r`` of shape ``[n, rows]``."""
-        self.vu += (v * u).sum(-1)
+    def add(
+        self,
+        u: Tensor,
+        probs: Tensor,
+        v: Tensor,
+        r: Tensor | None = None,
+        *,
+        index: slice | None = None,
+    ) -> None:
+        """Add rows: ``u, probs, v, r`` of shape ``[n, rows]``, for tokens ``index`` (a slice of
+        this accumulator's tokens; all of them by default). ``u`` may be overwritten."""
+        sl = slice(None) if index is None else index
+        self.vu[sl] += _dot(v, u)
         if r is not None:
-            self.vr += (v * r).sum(-1)
+            self.vr[sl] += _dot(v, r)
         w = probs.sum(-1)
         safe = torch.where(w > 0, w, torch.ones_like(w))
-        mean = (probs * u).sum(-1) / safe
-        m2 = (probs * (u - mean.unsqueeze(-1)).square()).sum(-1)
-        total = self.weight + w
+        mean = _dot(probs, u) / safe
+        m2 = _dot(probs, u.sub_(mean.unsqueeze(-1)).square_())
+        weight = self.weight[sl]
+        total = weight + w
         safe_total = torch.where(total > 0, total, torch.ones_like(total))
-        delta = mean - self.mean
-        self.m2 += m2 + delta.square() * self.weight * w / safe_total
-        self.mean += delta * w / safe_total
-        self.weight = total
+        delta = mean - self.mean[sl]
+        self.m2[sl] += m2 + delta.square() * weight * w / safe_total
+        self.mean[sl] += delta * w / safe_total
+        self.weight[sl] = total
 
     @property
     def ufu(self) -> Tensor:
         """uᵀFu = Σπu² − (Σπu)² (exact also when Σπ ≠ 1 through rounding)."""
         return self.m2 + self.mean.square() * self.weight * (1 - self.weight)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products ``[n]`` of ``[n, R]`` tensors, without an ``[n, R]`` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
 
 
 def candidate_terms(

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .quadratic import Level, QuadraticModel
 from .tracker import LEVELS, CurvatureTracker
+from .wholemodel import Forward
 
 __all__ = ["SampleRejector", "Selection"]
 
@@ -85,15 +86,16 @@ class SampleRejector:
     def select(
         self,
         tracker: CurvatureTracker,
-        hidden: Tensor,
+        hidden: Tensor | None,
         actions: Tensor,
         advantages: Tensor,
         mask: Tensor,
         *,
         logits: Tensor | None = None,
+        forward: Forward | None = None,
     ) -> Selection:
         """Apply the levels in order; see :meth:`CurvatureTracker.quadratic_model` for shapes."""
-        batch = tracker.prepare(hidden, actions, advantages, mask, logits)
+        batch = tracker.prepare(hidden, actions, advantages, mask, logits, forward=forward)
         keep = batch.mask.clone()
         selection = Selection(keep)
         for level in self.levels:

@@ -15,6 +15,7 @@ goes through :mod:`curvopt.generic` (``torch.func``; exact, slower).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,16 +23,19 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import distributed, generic
+from . import distributed, generic, wholemodel
 from .directions import (
     SUPPORTED_OPTIMIZERS,
     AdamStep,
     AffineStep,
     FrozenAdamStep,
+    Restricted,
+    Rows,
     ShadowAdam,
     SignStep,
     StepModel,
     optimizer_steps,
+    restrict,
     unwrap_optimizer,
 )
 from .logits import LogitTransform
@@ -70,6 +74,8 @@ class Batch:
     topk_idx: Tensor | None = None
     topk_logits: Tensor | None = None
     lse: Tensor | None = None
+    top: Tensor | None = None
+    forward: wholemodel.Forward | None = None
 
     @property
     def n(self) -> int:
@@ -128,6 +134,8 @@ class CurvatureTracker:
         logit_scale: float = 1.0,
         softcap: float | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
+        params: str | Sequence[nn.Module | nn.Parameter] = "head",
+        model: nn.Module | None = None,
     ) -> None:
         if not isinstance(head, nn.Module):
             raise TypeError(f"head: expected an nn.Module, got {type(head).__name__}")
@@ -154,21 +162,33 @@ class CurvatureTracker:
                 f"{type(base).__module__}.{type(base).__qualname__}. "
                 "Use direction='shadow' for other optimizers."
             )
-        self.names, self.params = [], []
-        for name, p in head.named_parameters():
-            if p.requires_grad:
-                self.names.append(name)
-                self.params.append(p)
-        if not self.params:
-            raise ValueError("head: has no trainable parameters")
+        self.whole = not (isinstance(params, str) and params == "head")
+        if self.whole:
+            if not isinstance(model, nn.Module):
+                raise TypeError(
+                    "model: tracking params other than 'head' needs the model (an nn.Module) "
+                    f"that maps inputs to logits, got {type(model).__name__}"
+                )
+            if top_k is not None:
+                raise ValueError("top_k: only supported with params='head'")
+            self.names, self.params = wholemodel.resolve_params(params, model)
+        else:
+            self.names, self.params = [], []
+            for name, p in head.named_parameters():
+                if p.requires_grad:
+                    self.names.append(name)
+                    self.params.append(p)
+            if not self.params:
+                raise ValueError("head: has no trainable parameters")
         in_optimizer = {id(p) for g in base.param_groups for p in g["params"]}
         missing = [n for n, p in zip(self.names, self.params) if id(p) not in in_optimizer]
         if missing:
             raise ValueError(
-                f"head: parameters {missing} are not in the optimizer's param_groups; "
-                "pass the optimizer that trains the head"
+                f"{'params' if self.whole else 'head'}: parameters {missing} are not in the "
+                "optimizer's param_groups; pass the optimizer that trains them"
             )
         self.head = head
+        self.model = model
         self.optimizer = base
         self.top_k = top_k
         self.fisher: Fisher = fisher
@@ -188,6 +208,7 @@ class CurvatureTracker:
         *,
         level: Level = "token",
         logits: Tensor | None = None,
+        forward: wholemodel.Forward | None = None,
     ) -> QuadraticModel:
         """The quadratic model of every candidate at ``level``.
 
@@ -199,30 +220,52 @@ class CurvatureTracker:
             level: ``"token"`` (w=1) → ``[B, T]``; ``"sequence"`` (w=1/|b|) → ``[B]``;
                 ``"batch"`` (GRPO weighting w=1/(B'|b|), B' sequences with a token) → scalar.
             logits: optional ``[B, T, V]`` head outputs for ``hidden``, to avoid recomputing them.
+            forward: with ``params`` other than ``"head"``, a callable mapping the model to the
+                raw logits ``[B, T, V]`` of these completion tokens (``hidden`` may be None);
+                the candidates are then exact over the tracked parameters
+                (:mod:`curvopt.wholemodel`; for small models).
 
         Returns:
             A :class:`~curvopt.QuadraticModel`; entries that are not candidates are 0.
         """
         if level not in LEVELS:
             raise ValueError(f"level: expected one of {LEVELS}, got {level!r}")
-        return self.evaluate(self.prepare(hidden, actions, advantages, mask, logits), level)
+        return self.evaluate(
+            self.prepare(hidden, actions, advantages, mask, logits, forward=forward), level
+        )
 
     @torch.no_grad()
     def prepare(
         self,
-        hidden: Tensor,
+        hidden: Tensor | None,
         actions: Tensor,
         advantages: Tensor,
         mask: Tensor,
         logits: Tensor | None = None,
+        *,
+        forward: wholemodel.Forward | None = None,
     ) -> Batch:
         """Validate the inputs and gather the masked-in tokens (shared by several levels)."""
-        mask = _validate(hidden, actions, advantages, mask, logits, self.params[0].device)
-        B, T, H = hidden.shape
+        if self.whole:
+            if not callable(forward):
+                raise TypeError(
+                    "forward: tracking params other than 'head' needs a callable mapping the "
+                    f"model to the completion logits [B, T, V], got {type(forward).__name__}"
+                )
+            if logits is None:
+                logits = forward(self.model).detach()
+        elif hidden is None:
+            raise TypeError("hidden: expected a torch.Tensor, got NoneType")
+        device = self.params[0].device
+        mask = _validate(hidden, actions, advantages, mask, logits, device)
+        B, T = actions.shape
         dtype = self._dtype(hidden)
         positions = mask.reshape(-1).nonzero().squeeze(1)
         seq = torch.div(positions, T, rounding_mode="floor")
-        h = hidden.detach().reshape(B * T, H)[positions].to(dtype)
+        if hidden is None:
+            h = torch.zeros(positions.numel(), 0, dtype=dtype, device=device)
+        else:
+            h = hidden.detach().reshape(B * T, -1)[positions].to(dtype)
         acts = actions.reshape(-1)[positions]
         adv = advantages.detach()
         adv = (adv[seq] if adv.dim() == 1 else adv.reshape(-1)[positions]).to(dtype)
@@ -236,6 +279,10 @@ class CurvatureTracker:
         if self.top_k is not None and self.top_k > vocab:
             raise ValueError(f"top_k: {self.top_k} exceeds the vocabulary size {vocab}")
         batch = Batch((B, T), mask, positions, seq, h, acts, adv, vocab, flat_logits)
+        batch.forward = forward
+        if self.whole:
+            # the logits are checked finite when read; here they are only needed for that
+            self._logits(batch, slice(None))
         if self.top_k is not None and batch.n:
             vals, idxs = [], []
             for sl in _chunks(batch.n, max(1, CHUNK_ELEMENTS // vocab)):
@@ -261,6 +308,8 @@ class CurvatureTracker:
         tokens = sel.nonzero().squeeze(1)
         counts = torch.bincount(batch.seq[tokens], minlength=B).to(dtype)
         steps = self._steps(dtype, frozen=False)
+        if self.whole:
+            return self._evaluate_whole(batch, level, tokens, counts, steps)
         if level == "token":
             weights = torch.ones(tokens.numel(), dtype=dtype, device=device)
             terms = self._token_terms(batch, tokens, weights, steps)
@@ -290,6 +339,121 @@ class CurvatureTracker:
         sums = distributed.all_reduce_sum(torch.stack([t.sum() for t in terms]), group)
         return QuadraticModel(*sums, torch.tensor(True, device=device), level)
 
+    def _evaluate_whole(
+        self,
+        batch: Batch,
+        level: Level,
+        tokens: Tensor,
+        counts: Tensor,
+        steps: list[StepModel],
+    ) -> QuadraticModel:
+        """Exact candidates over the tracked parameters (see :mod:`curvopt.wholemodel`)."""
+        B, T = batch.shape
+        dtype, device = batch.h.dtype, batch.h.device
+        if level == "batch" and distributed.active(self.process_group):
+            raise ValueError(
+                "params: whole-model batch candidates are not reduced over a process group; "
+                "use token or sequence levels, or params='head', under torch.distributed"
+            )
+        pos, seqs = batch.positions[tokens], batch.seq[tokens]
+        weights = 1.0 / counts[seqs] if level != "token" else torch.ones_like(batch.adv[tokens])
+        if level == "token":
+            groups = [torch.tensor([i], device=device) for i in range(tokens.numel())]
+        elif level == "sequence":
+            groups = [(seqs == b).nonzero().squeeze(1) for b in range(B) if counts[b] > 0]
+        else:
+            weights = weights / (counts > 0).sum().clamp(min=1)
+            groups = [torch.arange(tokens.numel(), device=device)] if tokens.numel() else []
+        flat_actions = torch.zeros(B * T, dtype=torch.long, device=device)
+        flat_actions[pos] = batch.actions[tokens]
+        flat_adv = torch.zeros(B * T, dtype=dtype, device=device)
+        flat_adv[pos] = batch.adv[tokens]
+        moments = wholemodel.candidate_moments(
+            self, batch.forward, flat_actions.reshape(B, T), flat_adv.reshape(B, T),
+            [(pos[g], weights[g]) for g in groups], steps, dtype,
+        )  # fmt: skip
+        shape = {"token": (B * T,), "sequence": (B,), "batch": ()}[level]
+        out = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(3)]
+        cand = torch.zeros(shape, dtype=torch.bool, device=device)
+        for g, m in zip(groups, moments):
+            terms = candidate_terms(
+                weights[g], batch.adv[tokens][g], m.vu, m.ufu, m.vr, self.fisher
+            )
+            index = {"token": pos[g][0], "sequence": seqs[g][0], "batch": ()}[level]
+            for o, t in zip(out, terms):
+                o[index] = t.sum()
+            cand[index] = True
+        if level == "token":
+            return QuadraticModel(*(o.reshape(B, T) for o in out), cand.reshape(B, T), level)
+        return QuadraticModel(*out, cand, level)
+
+    @torch.no_grad()
+    def step_model(
+        self,
+        actions: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        *,
+        hidden: Tensor | None = None,
+        logits: Tensor | None = None,
+        forward: wholemodel.Forward | None = None,
+        fisher: Fisher | None = None,
+        curvature: bool = False,
+    ) -> QuadraticModel:
+        """Token by token, the quadratic model of the update the optimizer is about to take.
+
+        After ``backward()``, the update Δθ of the tracked parameters is known from the
+        optimizer's state and the current ``.grad`` (exactly, with weight decay and momentum,
+        without stepping). For every masked-in token this returns, at level ``"token"``
+        (``[B, T]``), ``first_order = A_t v_tᵀu_t``, ``second_order = ½A_t[(v_tᵀu_t)² − u_tᵀF_tu_t
+        + v_tᵀr_t]`` and ``policy_shift`` (½u_tᵀF_tu_t with ``fisher="true"``: the second-order
+        model of the token's KL; ``fisher`` defaults to the tracker's), with ``u_t = J_tΔθ`` the
+        token's logit change. Weight the terms as your loss weights tokens to get the batch's.
+
+        ``params="head"`` needs ``hidden`` (the logit change is ``ΔW h + Δb``); otherwise
+        ``forward`` (one forward-mode pass through the model). ``r_t = Δθᵀ∇²z_tΔθ``, the logits'
+        own curvature, is zero for a linear head; for the whole model it needs a nested
+        forward-mode pass and is included only with ``curvature=True``.
+        """
+        batch = self.prepare(hidden, actions, advantages, mask, logits, forward=forward)
+        B, T = batch.shape
+        dtype, device = batch.h.dtype, batch.h.device
+        deltas = wholemodel.planned_update(
+            self._steps(dtype, frozen=False), self.params, self.optimizer
+        )
+        if self.whole:
+            z, u, r = wholemodel.step_logit_change(
+                self.model, self.names, self.params, deltas, forward, curvature=curvature
+            )
+            z, u = (x.reshape(B * T, -1)[batch.positions].to(dtype) for x in (z, u))
+            if r is not None:
+                r = r.reshape(B * T, -1)[batch.positions].to(dtype)
+        else:
+            z = self._logits(batch, slice(None))
+            params = [p.detach().to(dtype) for p in self.params]
+            if self.linear:
+                u = self._head_logits(batch.h, deltas, dtype)
+                r = None
+            else:
+                change = generic._change(self.head, self.names, tuple(params), None)
+                with torch.enable_grad():
+                    u, r = torch.func.vmap(change, in_dims=(0, None))(batch.h, tuple(deltas))
+        d1, d2 = self.transform.derivatives(z)
+        probs = torch.softmax(self.transform(z), -1)
+        v = -probs
+        v[torch.arange(batch.n, device=device), batch.actions] += 1
+        rt = None
+        if r is not None or d2 is not None:
+            rt = (0 if r is None else r * d1) + (0 if d2 is None else d2 * u.square())
+        m = LogitMoments(batch.n, dtype, device)
+        m.add(u * d1, probs, v, rt)
+        ones = torch.ones(batch.n, dtype=dtype, device=device)
+        terms = candidate_terms(ones, batch.adv, m.vu, m.ufu, m.vr, fisher or self.fisher)
+        out = [torch.zeros(B * T, dtype=dtype, device=device) for _ in range(3)]
+        for o, t in zip(out, terms):
+            o[batch.positions] = t
+        return QuadraticModel(*(o.reshape(B, T) for o in out), batch.mask, "token")
+
     @torch.no_grad()
     def observe_step(self) -> None:
         """Tell the tracker a real optimizer step was taken (advances the shadow moments)."""
@@ -310,6 +474,8 @@ class CurvatureTracker:
             change. The KL is evaluated as ``log E_π[exp(u − E_π u)]`` (``log1p``/``expm1``), which
             stays accurate in float32 for the tiny shifts of one step.
         """
+        if self.whole:
+            raise ValueError("params: with whole-model tracking measure with kl_of_change")
         dtype = self._dtype(hidden)
         h = hidden.detach().to(dtype)
         before = [b.detach().to(dtype) for b in before]
@@ -319,18 +485,27 @@ class CurvatureTracker:
         vocab = self._vocab(None, h[:1]) if h.shape[0] else 1
         for sl in _chunks(h.shape[0], max(1, CHUNK_ELEMENTS // vocab)):
             z = self._head_logits(h[sl], before, dtype)
-            probs = torch.softmax(self.transform(z), -1)
-            if self.linear:
+            if self.linear:  # from the parameter change itself: no cancellation in z1 − z0
                 u = self._head_logits(h[sl], [a - b for a, b in zip(after, before)], dtype)
             else:
                 u = self._head_logits(h[sl], after, dtype) - z
-            u = self.transform.difference(z, u)
-            m = LogitMoments(probs.shape[0], dtype, h.device)
-            m.add(u, probs, torch.zeros_like(probs))
-            centred = torch.expm1(u - m.mean.unsqueeze(1))
-            kl[sl] = torch.log1p((probs * centred).sum(-1))
-            quad[sl] = 0.5 * m.ufu
+            kl[sl], quad[sl] = self.kl_of_change(z, u)
         return kl, quad
+
+    @torch.no_grad()
+    def kl_of_change(self, logits: Tensor, change: Tensor) -> tuple[Tensor, Tensor]:
+        """``(kl, quadratic)`` per row of raw logits ``z [n, V]`` moved by ``u [n, V]``: the exact
+        ``KL(π(z) ‖ π(z + u))`` of the policy (with the logit transform) and its quadratic
+        model ½ũᵀFũ, ũ the policy logits' change. The KL is evaluated as
+        ``log E_π[exp(ũ − E_π ũ)]`` (``log1p``/``expm1``), accurate in float32 for tiny shifts."""
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        z, u = logits.to(dtype), change.to(dtype)
+        probs = torch.softmax(self.transform(z), -1)
+        u = self.transform.difference(z, u)
+        m = LogitMoments(probs.shape[0], dtype, z.device)
+        m.add(u.clone(), probs, torch.zeros_like(probs))
+        kl = torch.log1p((probs * torch.expm1(u - m.mean.unsqueeze(1))).sum(-1))
+        return kl, 0.5 * m.ufu
 
     def state_dict(self) -> dict:
         """The tracker's own state (the shadow moments; empty otherwise)."""
@@ -342,8 +517,10 @@ class CurvatureTracker:
 
     # ------------------------------------------------------------------ internals
 
-    def _dtype(self, hidden: Tensor) -> torch.dtype:
-        if hidden.dtype == torch.float64 or any(p.dtype == torch.float64 for p in self.params):
+    def _dtype(self, hidden: Tensor | None) -> torch.dtype:
+        if hidden is not None and hidden.dtype == torch.float64:
+            return torch.float64
+        if any(p.dtype == torch.float64 for p in self.params):
             return torch.float64
         return torch.float32
 
@@ -378,14 +555,23 @@ class CurvatureTracker:
             return z
         return self._head_logits(batch.h[sl], self.params, batch.h.dtype)
 
-    def _lse(self, batch: Batch) -> Tensor:
-        """log Σ exp φ(z) per token (the policy's normaliser)."""
-        if batch.lse is None:
-            parts = [
-                torch.logsumexp(self.transform(self._logits(batch, sl)), -1)
-                for sl in _chunks(batch.n, max(1, CHUNK_ELEMENTS // batch.vocab))
-            ]
-            batch.lse = torch.cat(parts) if parts else batch.h.new_zeros(0)
+    def _lse(self, batch: Batch, *, top: bool = False) -> Tensor:
+        """log Σ exp φ(z) per token (the policy's normaliser); with ``top``, also stores in
+        ``batch.top`` each token's action and its ``EXACT_ROWS`` largest other logits' rows.
+        One pass over the logits, shared by every level of a selection."""
+        if batch.lse is None or (top and batch.top is None):
+            lse, best = [], []
+            for sl in _chunks(batch.n, max(1, CHUNK_ELEMENTS // batch.vocab)):
+                z = self._logits(batch, sl)
+                if top:
+                    best.append(
+                        _with_action(torch.topk(z, EXACT_ROWS + 1, -1).indices, batch.actions[sl])
+                    )
+                lse.append(torch.logsumexp(self.transform(z), -1))
+            empty = torch.zeros(0, dtype=torch.long, device=batch.h.device)
+            batch.lse = torch.cat(lse) if lse else batch.h.new_zeros(0)
+            if top:
+                batch.top = torch.cat(best) if best else empty.reshape(0, EXACT_ROWS + 1)
         return batch.lse
 
     def _token_terms(
@@ -409,27 +595,90 @@ class CurvatureTracker:
             and support > EXACT_ROWS + 1
         ):
             approx = self._steps(batch.h.dtype, frozen=True)
-        # Full vocabulary: [n, V] temporaries; top-K: gathered rows, [n, K, H].
-        width = batch.vocab if self.top_k is None else self.top_k * batch.h.shape[1]
-        vu = torch.empty(tokens.numel(), dtype=batch.h.dtype, device=batch.h.device)
-        ufu, vr = torch.empty_like(vu), torch.empty_like(vu)
+        if self.top_k is None:
+            m = self._token_moments_full(batch, tokens, weights, steps, approx)
+        else:
+            m = self._token_moments_topk(batch, tokens, weights, steps, approx)
+        return candidate_terms(weights, batch.adv[tokens], m.vu, m.ufu, m.vr, self.fisher)
+
+    def _token_moments_full(
+        self,
+        batch: Batch,
+        tokens: Tensor,
+        weights: Tensor,
+        steps: list[StepModel],
+        approx: list[StepModel],
+    ) -> LogitMoments:
+        """Full vocabulary, by blocks of head rows: each block's step coefficients are computed
+        once for all tokens, so nothing ``[V, H]``-sized is ever materialised."""
+        dtype, device, width = batch.h.dtype, batch.h.device, batch.h.shape[1]
+        h, acts = batch.h[tokens], batch.actions[tokens]
+        coef = batch.adv[tokens] * weights
+        lse = self._lse(batch, top=approx is not steps)[tokens]
+        m = LogitMoments(tokens.numel(), dtype, device)
+        fix_rows = fix = None
+        if approx is not steps:
+            fix_rows = batch.top[tokens]
+            fix = torch.empty(fix_rows.shape, dtype=dtype, device=device)
+            for sl in _chunks(tokens.numel(), max(1, CHUNK_ELEMENTS // (width * EXACT_ROWS))):
+                rows = fix_rows[sl]
+                z = self._gathered_logits(batch, tokens[sl], rows)
+                probs = (self.transform(z) - lse[sl].unsqueeze(1)).exp()
+                v = (rows == acts[sl].unsqueeze(1)).to(dtype) - probs
+                grad = v * self.transform.derivatives(z)[0]
+                fix[sl] = _token_logit_change(h[sl], coef[sl], grad, steps, rows)
+                fix[sl] -= _token_logit_change(h[sl], coef[sl], grad, approx, rows)
+        block = max(1, CHUNK_ELEMENTS // width)
+        for r0 in range(0, batch.vocab, block):
+            r1 = min(r0 + block, batch.vocab)
+            parts = [restrict(step, slice(r0, r1)) for step in approx]
+            for sl in _chunks(tokens.numel(), max(1, CHUNK_ELEMENTS // (r1 - r0))):
+                z = self._block_logits(batch, tokens[sl], r0, r1)
+                probs = self.transform(z).sub_(lse[sl].unsqueeze(1)).exp_()
+                v = probs.neg()
+                hit = ((acts[sl] >= r0) & (acts[sl] < r1)).nonzero().squeeze(1)
+                v[hit, acts[sl][hit] - r0] += 1
+                d1, d2 = self.transform.derivatives(z)
+                grad = v if self.transform.identity else v * d1
+                u = _token_logit_change(h[sl], coef[sl], grad, parts, None)
+                if fix is not None:
+                    inside = (fix_rows[sl] >= r0) & (fix_rows[sl] < r1)
+                    at = (fix_rows[sl] - r0).clamp(0, r1 - r0 - 1)
+                    u.scatter_add_(1, at, torch.where(inside, fix[sl], 0))
+                if not self.transform.identity:
+                    u, r = u * d1, None if d2 is None else d2 * u.square()
+                m.add(u, probs, v, None if self.transform.identity else r, index=sl)
+        return m
+
+    def _token_moments_topk(
+        self,
+        batch: Batch,
+        tokens: Tensor,
+        weights: Tensor,
+        steps: list[StepModel],
+        approx: list[StepModel],
+    ) -> LogitMoments:
+        """Top-K: each token's own K rows, gathered (``[n, K, H]`` per chunk)."""
+        dtype, device = batch.h.dtype, batch.h.device
+        m = LogitMoments(tokens.numel(), dtype, device)
+        width = self.top_k * batch.h.shape[1]
         for sl in _chunks(tokens.numel(), max(1, CHUNK_ELEMENTS // width)):
             tok = tokens[sl]
             h, coef = batch.h[tok], batch.adv[tok] * weights[sl]
             probs, v, rows, d1, d2 = self._support(batch, tok)
             grad = v * d1  # ∂ log π(a) / ∂z: the token's gradient is −c·grad·hᵀ on the weight
-            u = _token_logit_change(h, coef, grad, rows, approx)
+            u = _token_logit_change(h, coef, grad, approx, rows)
             if approx is not steps:
-                pos = _exact_positions(probs, v)
-                exact_rows = pos if rows is None else rows.gather(1, pos)
+                # the action (the one positive entry of v) and the most probable rows
+                score = torch.where(v > 0, torch.full_like(probs, 2.0), probs)
+                pos = torch.topk(score, EXACT_ROWS + 1, -1).indices
+                exact_rows = rows.gather(1, pos)
                 gc = grad.gather(1, pos)
-                fix = _token_logit_change(h, coef, gc, exact_rows, steps)
-                fix = fix - _token_logit_change(h, coef, gc, exact_rows, approx)
+                fix = _token_logit_change(h, coef, gc, steps, exact_rows)
+                fix = fix - _token_logit_change(h, coef, gc, approx, exact_rows)
                 u = u.scatter_add(1, pos, fix)
-            m = LogitMoments(tok.numel(), h.dtype, h.device)
-            m.add(u * d1, probs, v, None if d2 is None else d2 * u.square())
-            vu[sl], ufu[sl], vr[sl] = m.vu, m.ufu, m.vr
-        return candidate_terms(weights, batch.adv[tokens], vu, ufu, vr, self.fisher)
+            m.add(u * d1, probs, v, None if d2 is None else d2 * u.square(), index=sl)
+        return m
 
     def _support(
         self, batch: Batch, tok: Tensor
@@ -516,6 +765,16 @@ class CurvatureTracker:
                 *(_scatter(zero, at, inside, x) for x in on_support[3:]),
             )
 
+    def _gathered_logits(self, batch: Batch, tokens: Tensor, rows: Tensor) -> Tensor:
+        """Raw logits ``[n, E]`` of each token at its own head rows ``rows [n, E]``."""
+        if batch.logits is not None:
+            return batch.logits[batch.positions[tokens].unsqueeze(1), rows].to(batch.h.dtype)
+        w = self.params[0].detach()[rows].to(batch.h.dtype)
+        z = torch.bmm(w, batch.h[tokens].unsqueeze(2)).squeeze(2)
+        if len(self.params) > 1:
+            z = z + self.params[1].detach()[rows].to(batch.h.dtype)
+        return z
+
     def _block_logits(self, batch: Batch, tokens: Tensor, r0: int, r1: int) -> Tensor:
         if batch.logits is not None:
             return batch.logits[batch.positions[tokens], r0:r1].to(batch.h.dtype)
@@ -538,104 +797,164 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def _exact_positions(probs: Tensor, v: Tensor) -> Tensor:
-    """Support positions ``[n, EXACT_ROWS + 1]``: the action (where ``v > 0``, i.e. e_a − π has
-    its one) first, then the most probable rows."""
-    score = torch.where(v > 0, torch.full_like(probs, 2.0), probs)
-    return torch.topk(score, EXACT_ROWS + 1, dim=-1).indices
+def _with_action(best: Tensor, actions: Tensor) -> Tensor:
+    """``best [n, E]`` indices with each token's action put in place of its last entry when it is
+    not already among them."""
+    missing = ~(best == actions.unsqueeze(1)).any(1)
+    best[missing, -1] = actions[missing]
+    return best
 
 
-def _rows_dot(m: Tensor, x: Tensor, rows: Tensor | None) -> Tensor:
-    """``y[t, k] = m[rows[t, k]] · x[t]``; all rows (``x @ mᵀ``) when ``rows`` is None."""
-    if rows is None:
+def _rows_dot(m: Tensor, x: Tensor) -> Tensor:
+    """``y[t, j] = m_t[j] · x[t]``: ``x @ mᵀ`` for rows shared by all tokens (``m [R, H]``), a
+    batched product for gathered rows (``m [n, K, H]``)."""
+    if m.dim() == 2:
         return x @ m.T
-    return torch.bmm(m[rows], x.unsqueeze(2)).squeeze(2)
+    return torch.bmm(m, x.unsqueeze(2)).squeeze(2)
 
 
 def _token_logit_change(
-    h: Tensor, coef: Tensor, v: Tensor, rows: Tensor | None, steps: list[StepModel]
+    h: Tensor,
+    coef: Tensor,
+    grad: Tensor,
+    weight: list[StepModel] | list[Restricted] | Restricted,
+    rows: Tensor | None,
 ) -> Tensor:
     """Logit change ``u_t`` of each token's own candidate update, on its support rows.
 
-    Token t's loss gradient on the weight is rank one, ``q_t = −c_t v_t h_tᵀ`` (bias: ``−c_t v_t``),
-    with ``c_t = w_t A_t``. For an affine step ``Δ = D + P ⊙ q`` this gives
-    ``u_t = D h_t − c_t v_t ⊙ (P (h_t ⊙ h_t))`` (a scalar P: ``P‖h_t‖²``), for a sign step
-    ``u_t = D h_t + κ·sign(−c_t v_t)‖h_t‖₁``. A frozen Adam step saturates each row's candidate
-    change x as ``x / √(1 + (x / (limit·‖h_t‖₁))²)``, which equals its elementwise saturation when
-    the candidate-to-second-moment ratio is the same across the row, and has the same limits.
-    Adam's exact step is evaluated elementwise.
+    Token t's loss gradient on the weight is rank one, ``q_t = −c_t g_t h_tᵀ`` (bias:
+    ``−c_t g_t``), with ``c_t = w_t A_t`` and ``g_t = ∂ log π(a_t) / ∂z_t``. For an affine step
+    ``Δ = P·q + D`` this gives ``u_t = D h_t − c_t g_t P‖h_t‖²``; for a frozen Adam step
+    ``x_t = −c_t g_t ⊙ (P (h_t ⊙ h_t))`` saturated as ``x / √(1 + (x / (limit·‖h_t‖₁))²)``, which
+    equals its elementwise saturation when the candidate-to-second-moment ratio is the same
+    across the row and has the same limits, plus ``D h_t``; for a sign step
+    ``u_t = D h_t + κ·sign(−c_t g_t)‖h_t‖₁``. Adam's exact step is evaluated elementwise.
 
-    Shapes: ``h [n, H]``, ``coef [n]``, ``v [n, R]``, ``rows`` None (R = V) or ``[n, K]``.
+    ``weight`` is ``[weight step, bias step]`` (or just the weight's), either as step models with
+    ``rows`` (None: all V rows; or ``[n, K]`` per-token rows) or already restricted to the rows.
+    Shapes: ``h [n, H]``, ``coef [n]``, ``grad [n, R]``.
     """
-    step_w = steps[0]
-    cv = -coef.unsqueeze(1) * v
-    if isinstance(step_w, AffineStep):
-        if isinstance(step_w.coef, Tensor):
-            u = cv * _rows_dot(step_w.coef, h * h, rows)
-        else:
-            u = cv * (step_w.coef * (h * h).sum(1, keepdim=True))
-    elif isinstance(step_w, FrozenAdamStep):
-        x = cv * _rows_dot(step_w.coef, h * h, rows)
-        reach = step_w.limit * h.abs().sum(1, keepdim=True)
-        u = x / torch.sqrt(1 + (x / reach).square())
-    elif isinstance(step_w, SignStep):
-        u = torch.sign(cv) * (step_w.scale * h.abs().sum(1, keepdim=True))
+    parts = [restrict(s, rows) if not isinstance(s, Restricted) else s for s in weight]
+    w = parts[0]
+    cv = grad * (-coef).unsqueeze(1)
+    if isinstance(w.step, AffineStep):
+        u = cv * (w.coef * (h * h).sum(1, keepdim=True))
+    elif isinstance(w.step, FrozenAdamStep):
+        x = _rows_dot(w.coef, h * h).mul_(cv)
+        t = x / (w.step.limit * h.abs().sum(1, keepdim=True))
+        u = x.div_(t.square_().add_(1).sqrt_())
+    elif isinstance(w.step, SignStep):
+        u = torch.sign(cv).mul_(w.coef * h.abs().sum(1, keepdim=True))
     else:
-        u = _elementwise_token_change(step_w, h, cv, rows)
-    if not isinstance(step_w, AdamStep) and step_w.drift is not None:
-        u = u + _rows_dot(step_w.drift, h, rows)
-    if len(steps) > 1:
-        u = u + steps[1](cv, slice(None) if rows is None else rows)
+        u = _adam_token_change(w.step, h, cv, w.rows)
+    if w.drift is not None:
+        u = u.addmm_(h, w.drift.T) if w.drift.dim() == 2 else u.add_(_rows_dot(w.drift, h))
+    if len(parts) > 1:
+        u = u.add_(parts[1](cv))
     return u
 
 
-def _elementwise_token_change(
-    step: StepModel, h: Tensor, cv: Tensor, rows: Tensor | None
-) -> Tensor:
-    """Σ_c Δ_{t,j,c} h_{t,c} with Δ = step(q_t) formed elementwise, in blocks of rows (any step
-    model; the only way for Adam's exact step, and the oracle of the closed forms)."""
+def _adam_token_change(step: AdamStep, h: Tensor, cv: Tensor, rows: Rows) -> Tensor:
+    """Adam's exact per-token step on rows, as few passes as eager PyTorch allows.
+
+    With the rank-one loss gradient ``q = cv ⊗ h`` (plus λ·p with L2 decay), in blocks of rows::
+
+        u_j = −lr/(1-β1^k)·√(1-β2^k) · Σ_c m'_jc h_c / (√v'_jc + ε√(1-β2^k))  − [dec.] lr·λ·p_j·h
+
+    which is :class:`~curvopt.directions.AdamStep` summed against h, rearranged so the gathered
+    moments are updated in place.
+    """
     n, width = cv.shape
     out = torch.empty_like(cv)
     block = max(1, CHUNK_ELEMENTS // max(1, n * h.shape[1]))
-    for r0 in range(0, width, block):
-        r1 = min(r0 + block, width)
-        q = cv[:, r0:r1].unsqueeze(2) * h.unsqueeze(1)
-        sel = slice(r0, r1) if rows is None else rows[:, r0:r1]
-        out[:, r0:r1] = (step(q, sel) * h.unsqueeze(1)).sum(2)
+    k = step.step + 1
+    root = math.sqrt(1 - step.beta2**k)
+    decoupled = step.weight_decay and step.decoupled
+    for c0 in range(0, width, block):
+        c1 = min(c0 + block, width)
+        sel = _column_rows(rows, c0, c1)
+        q = cv[:, c0:c1].unsqueeze(2) * h.unsqueeze(1)
+        if step.weight_decay and not step.decoupled:
+            q.add_(step._read(step.param, sel), alpha=step.weight_decay)
+        if step.exp_avg is None:
+            v = q.square().mul_(1 - step.beta2)
+            m = q.mul_(1 - step.beta1)
+        else:
+            # out of place: the state read may be a view of the optimizer's own tensors
+            v = torch.addcmul(
+                step._read(step.exp_avg_sq, sel) * step.beta2, q, q, value=1 - step.beta2
+            )
+            m = torch.lerp(step._read(step.exp_avg, sel), q, 1 - step.beta1)
+        if step.max_exp_avg_sq is not None:
+            v = torch.maximum(v, step._read(step.max_exp_avg_sq, sel))
+        m.div_(v.sqrt_().add_(step.eps * root))
+        u = torch.bmm(m, h.unsqueeze(2)).squeeze(2).mul_(-step.step_size * root)
+        if decoupled:
+            u.sub_(_rows_dot(step._read(step.param, sel), h), alpha=step.lr * step.weight_decay)
+        out[:, c0:c1] = u
+    return out
+
+
+def _column_rows(rows: Rows, c0: int, c1: int) -> Rows:
+    """The head rows of support columns ``c0:c1`` (``rows``: None = all, a slice, or [n, K])."""
+    if rows is None:
+        return slice(c0, c1)
+    if isinstance(rows, slice):
+        return slice(rows.start + c0, rows.start + c1)
+    return rows[:, c0:c1]
+
+
+def _elementwise_token_change(step: StepModel, h: Tensor, cv: Tensor, rows: Rows) -> Tensor:
+    """Σ_c Δ_{t,j,c} h_{t,c} with Δ = step(q_t) formed elementwise, in blocks of rows (any step
+    model; the only way for Adam's exact step, and the oracle of the closed forms).
+
+    ``rows``: None (the columns of ``cv`` are all head rows), a slice of head rows, or ``[n, K]``.
+    """
+    n, width = cv.shape
+    out = torch.empty_like(cv)
+    block = max(1, CHUNK_ELEMENTS // max(1, n * h.shape[1]))
+    for c0 in range(0, width, block):
+        c1 = min(c0 + block, width)
+        q = cv[:, c0:c1].unsqueeze(2) * h.unsqueeze(1)
+        out[:, c0:c1] = (step(q, _column_rows(rows, c0, c1)) * h.unsqueeze(1)).sum(2)
     return out
 
 
 def _validate(
-    hidden: Tensor,
+    hidden: Tensor | None,
     actions: Tensor,
     advantages: Tensor,
     mask: Tensor,
     logits: Tensor | None,
     device: torch.device,
 ) -> Tensor:
-    """Check shapes, dtypes, devices and finiteness; return the mask as bool."""
+    """Check shapes, dtypes, devices and finiteness; return the mask as bool. ``hidden`` may be
+    None (whole-model tracking), and then ``actions`` sets B and T."""
     for name, t in (
         ("hidden", hidden),
         ("actions", actions),
         ("advantages", advantages),
         ("mask", mask),
     ):
-        if not isinstance(t, Tensor):
+        if not isinstance(t, Tensor) and not (name == "hidden" and t is None):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if logits is not None and not isinstance(logits, Tensor):
         raise TypeError(f"logits: expected a torch.Tensor or None, got {type(logits).__name__}")
-    if not hidden.is_floating_point():
-        raise TypeError(f"hidden: expected a floating-point tensor, got {hidden.dtype}")
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden: expected shape [B, T, H], got {tuple(hidden.shape)}")
-    B, T, _ = hidden.shape
+    if hidden is not None:
+        if not hidden.is_floating_point():
+            raise TypeError(f"hidden: expected a floating-point tensor, got {hidden.dtype}")
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden: expected shape [B, T, H], got {tuple(hidden.shape)}")
     if actions.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"actions: expected an integer tensor, got {actions.dtype}")
-    if tuple(actions.shape) != (B, T):
+    if hidden is not None and tuple(actions.shape) != tuple(hidden.shape[:2]):
         raise ValueError(
-            f"actions: expected shape {(B, T)} to match hidden {tuple(hidden.shape)}, "
-            f"got {tuple(actions.shape)}"
+            f"actions: expected shape {tuple(hidden.shape[:2])} to match hidden "
+            f"{tuple(hidden.shape)}, got {tuple(actions.shape)}"
         )
+    if actions.dim() != 2:
+        raise ValueError(f"actions: expected shape [B, T], got {tuple(actions.shape)}")
+    B, T = actions.shape
     if not advantages.is_floating_point():
         raise TypeError(f"advantages: expected a floating-point tensor, got {advantages.dtype}")
     if tuple(advantages.shape) not in ((B,), (B, T)):
@@ -660,7 +979,7 @@ def _validate(
     ):
         if t is not None and t.device != device:
             raise ValueError(f"{name}: is on {t.device}, but the head is on {device}")
-    if not torch.isfinite(hidden).all():
+    if hidden is not None and not torch.isfinite(hidden).all():
         raise ValueError("hidden: contains non-finite values")
     if not torch.isfinite(advantages).all():
         raise ValueError("advantages: contains non-finite values")

@@ -4,6 +4,7 @@ on the concatenated batch: batch level and statistics are global, token and sequ
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 
 import pytest
@@ -55,26 +56,34 @@ def step(model, opt, batch: dict):
     return keep, dict(opt.stats)
 
 
+def ddp_step(ddp, opt, part: dict) -> tuple:
+    h, logits = ddp(part["x"])
+    keep = opt.select(h, part["actions"], part["advantages"], part["mask"], logits=logits)
+    policy_loss(logits, part["actions"], part["advantages"], keep).backward()
+    opt.step()
+    opt.zero_grad()
+    return keep, dict(opt.stats)
+
+
 def worker(rank: int, init: str, setting: dict, batches: list[dict], path: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
-    try:
-        model, opt = make(setting)
-        ddp = DistributedDataParallel(model)
-        results = []
-        for batch in batches:
-            part = shard(batch, rank)
-            h, logits = ddp(part["x"])
-            keep = opt.select(h, part["actions"], part["advantages"], part["mask"], logits=logits)
-            policy_loss(logits, part["actions"], part["advantages"], keep).backward()
-            opt.step()
-            opt.zero_grad()
-            results.append((keep, dict(opt.stats)))
-        torch.save(
-            {"results": results, "params": [p.detach() for p in model.parameters()]},
-            f"{path}.{rank}",
-        )
-    finally:
-        dist.destroy_process_group()
+    model, opt = make(setting)
+    ddp = DistributedDataParallel(model)
+    # one function per step, so no autograd graph (which references DDP's reducer) outlives it
+    results = [ddp_step(ddp, opt, shard(batch, rank)) for batch in batches]
+    torch.save(
+        {"results": results, "params": [p.detach() for p in model.parameters()]}, f"{path}.{rank}"
+    )
+    # tear down DDP's reducer before its process group, or gloo may abort at exit
+    del ddp
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s["direction"])
@@ -85,7 +94,7 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(setting, monkeypa
     model, opt = make(setting)
     single = [step(model, opt, b) for b in batches]
     with tempfile.TemporaryDirectory() as tmp:
-        init = f"file://{os.path.join(tmp, 'rendezvous')}"
+        init = f"tcp://127.0.0.1:{free_port()}"  # (a file:// store sometimes aborts at exit)
         path = os.path.join(tmp, "out")
         mp.spawn(worker, args=(init, setting, batches, path), nprocs=WORLD, join=True)
         ranks = [torch.load(f"{path}.{r}", weights_only=False) for r in range(WORLD)]

@@ -1,0 +1,151 @@
+"""CAPO's curvature-aware step (max_policy_shift) and whole-model tracking through the wrapper."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import TinyPolicy, make_batch, policy_loss
+from test_wholemodel import TinyLM
+
+from curvopt import CAPO
+
+ACCEPT_ALL = dict(rule="symmetric", delta_h=1e300, delta_f=1e300)
+
+
+def lm_batch(seed: int, B: int = 3, T: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, 3, generator=g, dtype=torch.float64)
+    return (
+        x,
+        torch.randint(0, 5, (B, T), generator=g),
+        torch.randn(B, generator=g, dtype=torch.float64),
+    )
+
+
+def lm_step(model, opt, seed, whole=True):
+    x, actions, advantages = lm_batch(seed)
+    mask = torch.ones_like(actions, dtype=torch.bool)
+    logits = model(x)
+    if whole:
+        keep = opt.select(None, actions, advantages, mask, forward=lambda m: m(x))
+    else:
+        keep = opt.select(model.body(x), actions, advantages, mask, logits=logits)
+    policy_loss(logits, actions, advantages, keep).backward()
+    opt.step()
+    opt.zero_grad()
+    return keep
+
+
+@pytest.mark.parametrize("params", ["head", "all"])
+def test_a_loose_bound_changes_nothing(params):
+    torch.manual_seed(0)
+    a = TinyLM().double()
+    b = copy.deepcopy(a)
+    bare = torch.optim.AdamW(a.parameters(), lr=1e-2)
+    kw = {} if params == "head" else dict(params="all", model=b)
+    capo = CAPO(
+        torch.optim.AdamW(b.parameters(), lr=1e-2),
+        head=b.lm_head,
+        max_policy_shift=1e300,
+        **kw,
+        **ACCEPT_ALL,
+    )
+    for seed in range(3):
+        x, actions, advantages = lm_batch(seed)
+        mask = torch.ones_like(actions, dtype=torch.bool)
+        policy_loss(a(x), actions, advantages, mask).backward()
+        bare.step()
+        bare.zero_grad()
+        lm_step(b, capo, seed, whole=params == "all")
+        assert capo.stats["step_scale"] == 1.0 and capo.stats["step_policy_shift"] > 0
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("params", ["head", "all"])
+def test_the_step_is_scaled_to_the_bound_and_the_realised_kl_follows(params):
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    kw = {} if params == "head" else dict(params="all", model=model)
+    opt = CAPO(
+        torch.optim.AdamW(model.parameters(), lr=3e-2),
+        head=model.lm_head,
+        max_policy_shift=1e-5,
+        track_realised=True,
+        **kw,
+        **ACCEPT_ALL,
+    )
+    for seed in range(4):
+        lm_step(model, opt, seed, whole=params == "all")
+        s = opt.stats
+        assert 0 < s["step_scale"] < 1
+        assert s["step_policy_shift"] * s["step_scale"] ** 2 == pytest.approx(1e-5, rel=1e-9)
+        # the realised update's own quadratic model is the prediction of the scaled step (for a
+        # linear head exactly; through the network the logits also move at second order)
+        rel = 1e-6 if params == "head" else 0.05
+        assert s["policy_shift_step_model"] == pytest.approx(1e-5, rel=rel)
+        assert s["policy_shift_realised"] == pytest.approx(1e-5, rel=0.05)
+    assert opt.param_groups[0]["lr"] == 3e-2  # the scale applies to one step only
+
+
+def test_whole_model_selection_matches_the_tracker():
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    opt = CAPO(
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        head=model.lm_head,
+        params="all",
+        model=model,
+        direction="exact",
+        rule="symmetric",
+        delta_h=1.0,
+        delta_f=1e300,
+    )
+    lm_step(model, opt, 0)  # a first real step, so Adam has moments
+    opt.rejector.delta_f = 1.2e-3
+    x, actions, advantages = lm_batch(1)
+    mask = torch.ones_like(actions, dtype=torch.bool)
+    keep = opt.select(None, actions, advantages, mask, forward=lambda m: m(x))
+    qm = opt.tracker.quadratic_model(None, actions, advantages, mask, forward=lambda m: m(x))
+    assert torch.equal(keep, opt.rejector.accept(qm))
+    assert 0 < opt.stats["rejected_frac"] < 1
+
+
+def test_whole_model_tracking_needs_a_forward():
+    model = TinyLM().double()
+    opt = CAPO(torch.optim.AdamW(model.parameters()), head=model.lm_head, params="all", model=model)
+    _, actions, advantages = lm_batch(0)
+    with pytest.raises(TypeError, match="forward"):
+        opt.select(None, actions, advantages, torch.ones_like(actions, dtype=torch.bool))
+    with pytest.raises(TypeError, match="model"):
+        CAPO(torch.optim.AdamW(model.parameters()), head=model.lm_head, params="all")
+
+
+@pytest.mark.parametrize("bound", [0.0, -1.0, float("inf"), "1e-3"])
+def test_bad_bounds_are_rejected(bound):
+    model = TinyPolicy()
+    with pytest.raises(ValueError, match="max_policy_shift"):
+        CAPO(torch.optim.AdamW(model.parameters()), head=model.lm_head, max_policy_shift=bound)
+
+
+def test_head_controller_with_the_tiny_policy_keeps_scheduler_lr():
+    torch.manual_seed(0)
+    model = TinyPolicy()
+    opt = CAPO(
+        torch.optim.AdamW(model.parameters(), lr=0.1),
+        head=model.lm_head,
+        max_policy_shift=1e-6,
+        **ACCEPT_ALL,
+    )
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for i in range(2):
+        batch = make_batch(i)
+        h, logits = model(batch["x"])
+        keep = opt.select(h, batch["actions"], batch["advantages"], batch["mask"], logits=logits)
+        policy_loss(logits, batch["actions"], batch["advantages"], keep).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        assert opt.stats["step_scale"] < 1
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
