@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -50,7 +51,25 @@ from transformers.utils import logging as hf_logging
 
 import curvopt
 
-METHODS = ("grpo-conservative", "grpo-aggressive", "capo-aggressive", "capo-conservative")
+#: what the per-step metrics keep of ``CAPO.stats`` (those present: some need options)
+CAPO_STATS = (
+    "rejected_frac",
+    "tokens",
+    "kept_tokens",
+    "objective_shift_mean",
+    "policy_shift_mean",
+    "policy_shift_realised",
+    "policy_shift_step_model",
+    "step_policy_shift",
+    "step_scale",
+)
+METHODS = tuple(
+    f"{method}-{regime}"
+    for method in ("grpo", "capo", "capo_step")
+    for regime in ("conservative", "aggressive")
+)
+#: thresholds no token's quadratic model reaches: ``capo_step`` rejects nothing
+NO_REJECTION = 1e9
 
 
 @dataclass
@@ -59,7 +78,10 @@ class Config:
 
     methods: list[str] = field(
         default_factory=lambda: ["grpo-conservative", "grpo-aggressive", "capo-aggressive"],
-        metadata={"help": f"runs to make, each METHOD-REGIME from {METHODS}"},
+        metadata={
+            "help": "runs to make, each METHOD-REGIME: grpo; capo (the paper's token rejection); "
+            f"capo_step (CAPO's curvature-aware step alone); from {METHODS}"
+        },
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "RL seeds"})
     steps: int = field(
@@ -148,6 +170,20 @@ class Config:
     capo_fisher: Literal["empirical", "true"] = field(
         default="empirical", metadata={"help": "Fisher estimate of the policy shift"}
     )
+    capo_params: Literal["head", "all"] = field(
+        default="head",
+        metadata={
+            "help": "parameters CAPO models: the head (the paper's closed forms) or all of the "
+            "model (exact per-token candidates via torch.func; small models only)"
+        },
+    )
+    max_policy_shift: float = field(
+        default=1e-7,
+        metadata={
+            "help": "capo_step: scale each step so the predicted mean KL of the update is at most "
+            "this; the KL of the parameters CAPO models, with --capo-params head the head's share"
+        },
+    )
 
 
 #: what ``--quick`` changes (options given on the command line still win)
@@ -158,7 +194,7 @@ QUICK = {"seeds": [0], "steps": 960, "out": "runs/grpo-quick"}
 class Run:
     """One training run: a method in a regime with a seed."""
 
-    method: Literal["grpo", "capo"]
+    method: Literal["grpo", "capo", "capo_step"]
     regime: Literal["conservative", "aggressive"]
     seed: int
     lr: float
@@ -189,7 +225,7 @@ def plan(cfg: Config) -> list[Run]:
     runs = []
     for seed in cfg.seeds:
         for name in cfg.methods:
-            method, regime = name.split("-")
+            method, regime = name.rsplit("-", 1)
             aggressive = regime == "aggressive"
             prompts = cfg.aggressive_prompts if aggressive else cfg.conservative_prompts
             lr = cfg.lr * (cfg.aggressive_lr_mult if aggressive else 1.0)
@@ -211,23 +247,32 @@ def warmup_cosine(steps: int, warmup_ratio: float):
 
 
 def make_optimizer(model: PreTrainedModel, run: Run, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW, wrapped in CAPO for the CAPO runs (the only place the two methods differ)."""
+    """AdamW, wrapped in CAPO for the CAPO runs (the only place the methods differ).
+
+    ``capo``: the paper's token rejection (``cfg``'s rule, thresholds and levels), full steps.
+    ``capo_step``: no rejection; every step scaled so its predicted KL is at most
+    ``cfg.max_policy_shift``.
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=cfg.weight_decay)
-    if run.method == "capo":
-        opt = curvopt.CAPO(
-            opt,
-            head=model.get_output_embeddings(),
-            rule=cfg.capo_rule,
-            delta_h=cfg.delta_h,
-            delta_f=cfg.delta_f,
-            levels=tuple(cfg.capo_levels),
-            direction=cfg.capo_direction,
-            fisher=cfg.capo_fisher,
-            # the loss optimises softmax(logits / temperature): tell CAPO which policy it models
-            temperature=cfg.temperature,
-            track_realised=True,
-        )
-    return opt
+    if run.method == "grpo":
+        return opt
+    step = run.method == "capo_step"
+    return curvopt.CAPO(
+        opt,
+        head=model.get_output_embeddings(),
+        rule=cfg.capo_rule,
+        delta_h=NO_REJECTION if step else cfg.delta_h,
+        delta_f=NO_REJECTION if step else cfg.delta_f,
+        levels=tuple(cfg.capo_levels),
+        direction=cfg.capo_direction,
+        fisher=cfg.capo_fisher,
+        # the loss optimises softmax(logits / temperature): tell CAPO which policy it models
+        temperature=cfg.temperature,
+        track_realised=True,
+        params=cfg.capo_params,
+        model=model,
+        max_policy_shift=cfg.max_policy_shift if step else None,
+    )
 
 
 def forward(
@@ -245,6 +290,11 @@ def forward(
     span = slice(batch.prompt_width - 1, -1)
     states = out.hidden_states[-1][:, span] if hidden else None
     return out.logits[:, span], states
+
+
+def completion_logits(model: PreTrainedModel, batch: Rollout, rows: slice) -> torch.Tensor:
+    """The head logits ``[b, T, V]`` of ``batch[rows]``'s completion tokens under ``model``."""
+    return forward(model, batch, rows, hidden=False)[0]
 
 
 def micro_batches(batch: Rollout, cfg: Config) -> list[slice]:
@@ -296,7 +346,15 @@ def train_step(
             logps = token_logps(logits, actions, cfg.temperature)
             keep = mask
             if capo:
-                keep = opt.select(hidden, actions, advantages[rows], mask, logits=logits)
+                keep = opt.select(
+                    hidden,
+                    actions,
+                    advantages[rows],
+                    mask,
+                    logits=logits,
+                    # how CAPO recomputes these logits when it models more than the head
+                    forward=partial(completion_logits, batch=batch, rows=rows),
+                )
             loss, stats = policy_loss(
                 logps,
                 old[rows],
@@ -329,15 +387,9 @@ def train_step(
         opt.zero_grad()
         if capo:
             s = opt.stats
-            for key in (
-                "rejected_frac",
-                "tokens",
-                "kept_tokens",
-                "objective_shift_mean",
-                "policy_shift_mean",
-            ):
-                add(key, s[key])
-            add("policy_shift_realised", s.get("policy_shift_realised", 0.0))
+            for key in CAPO_STATS:
+                if key in s:
+                    add(key, s[key])
     sides = {}
     if capo:
         for side in ("pos", "neg"):

@@ -19,6 +19,8 @@ COLOURS = {
     ("grpo", "aggressive"): "tab:red",
     ("capo", "aggressive"): "tab:green",
     ("capo", "conservative"): "tab:purple",
+    ("capo_step", "aggressive"): "tab:orange",
+    ("capo_step", "conservative"): "tab:brown",
 }
 
 
@@ -45,14 +47,14 @@ def plot(summary: dict, metrics: Path, path: Path, window: int = 20) -> None:
         acc_ax.plot(*zip(*run["curve"]), **style)
         steps = [r for r in rows if (r["method"], r["regime"], r["seed"]) == (*key, run["seed"])]
         x = [r["completions"] for r in steps]
-        if run["method"] == "capo":
+        if run["method"] != "grpo":
             rej_ax.plot(x, _smooth([100 * r["rejected_frac"] for r in steps], window), **style)
         if steps and "kl_realised" in steps[0]:
             kl_ax.plot(x, _smooth([r["kl_realised"] for r in steps], window), **style)
     acc_ax.set(xlabel="training completions", ylabel="test accuracy (greedy)", ylim=(0, 1))
     acc_ax.set_title("Test accuracy")
     rej_ax.set(xlabel="training completions", ylabel="completion tokens rejected (%)")
-    rej_ax.set_title(f"CAPO rejection rate ({window}-step average)")
+    rej_ax.set_title(f"CAPO token rejection rate ({window}-step average)")
     kl_ax.set(xlabel="training completions", ylabel="KL(before ‖ after) per token")
     if any(max(line.get_ydata(), default=0) > 0 for line in kl_ax.lines):
         kl_ax.set_yscale("log")  # steps span orders of magnitude

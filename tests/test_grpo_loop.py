@@ -38,12 +38,13 @@ def _run(tmp_path: Path, *args: str) -> tuple[dict, list[dict], Path]:
 
 
 def test_two_steps_with_and_without_capo_write_the_outputs(tmp_path):
-    methods = ["grpo-conservative", "grpo-aggressive", "capo-aggressive"]
+    methods = ["grpo-conservative", "grpo-aggressive", "capo-aggressive", "capo_step-aggressive"]
     summary, rows, out = _run(tmp_path, "--methods", *methods)
     assert [(r["method"], r["regime"]) for r in summary["runs"]] == [
         ("grpo", "conservative"),
         ("grpo", "aggressive"),
         ("capo", "aggressive"),
+        ("capo_step", "aggressive"),
     ]
     for run in summary["runs"]:
         assert run["seed"] == 0
@@ -52,11 +53,11 @@ def test_two_steps_with_and_without_capo_write_the_outputs(tmp_path):
         assert run["curve"][-1] == [run["completions"], run["final_accuracy"]]
         assert run["best_accuracy"] == max(a for _, a in run["curve"])
         assert 0.0 <= run["rejected_frac"] <= 1.0
-        assert run["method"] == "capo" or run["rejected_frac"] == 0.0
+        assert run["method"] != "grpo" or run["rejected_frac"] == 0.0
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["runs"] == summary["runs"]
     assert (out / "accuracy.png").stat().st_size > 0
-    assert len(rows) == 1 + 2 + 2  # the conservative run takes one step of 4 prompts
+    assert len(rows) == 1 + 2 + 2 + 2  # the conservative run takes one step of 4 prompts
     capo_rows = [r for r in rows if r["method"] == "capo"]
     for row in capo_rows:
         for key in ("rejected_frac", "objective_shift_mean", "policy_shift_mean"):
@@ -64,6 +65,26 @@ def test_two_steps_with_and_without_capo_write_the_outputs(tmp_path):
         assert row["policy_shift_realised"] >= 0.0
     for row in rows:
         assert row["kl_realised"] >= 0.0 and 0.0 <= row["reward_mean"] <= 1.0
+    for row in rows:
+        if row["method"] == "capo_step":
+            assert row["rejected_frac"] == 0.0 and 0.0 < row["step_scale"] <= 1.0
+        else:
+            assert "step_scale" not in row
+
+
+def test_whole_model_step_control(tmp_path):
+    """CAPO's step bound over every parameter (per-token models through torch.func)."""
+    _, rows, _ = _run(
+        tmp_path,
+        "--methods", "capo_step-aggressive",
+        "--capo-params", "all",
+        "--capo-levels", "batch",
+        "--max-policy-shift", "1e-6",
+    )  # fmt: skip
+    for row in rows:
+        assert row["step_policy_shift"] >= 0.0 and 0.0 < row["step_scale"] <= 1.0
+        if row["step_policy_shift"] > 1e-6:
+            assert row["step_scale"] < 1.0
 
 
 def test_capo_without_rejection_is_grpo(tmp_path):
