@@ -1,20 +1,26 @@
 """GRPO on verifiable arithmetic, with and without CAPO, on a laptop CPU.
 
-Reproduces the shape of the paper's Fig. 1 (Melo, Abate, Gal, ICLR 2026) at toy scale: a tiny
-Qwen2 model warm-started on addition is trained with GRPO in two regimes,
+The experiment of the paper's Fig. 1 (Melo, Abate, Gal, ICLR 2026) at toy scale: a tiny Qwen2
+model warm-started on two-digit addition is trained with GRPO in two regimes,
 
 - conservative: learning rate η, ``conservative_prompts × group`` completions per step;
 - aggressive: learning rate ``aggressive_lr_mult · η`` (5η) and 12× fewer completions per step,
 
 and with CAPO in the aggressive regime. Every run sees the same number of training completions;
-test accuracy (greedy decoding on a fixed held-out set) is plotted against them.
+test accuracy (greedy decoding on a fixed held-out set) is plotted against them. Methods:
 
-CAPO changes exactly two lines of the loop: the optimizer is wrapped, and the loss is computed on
+- ``grpo``: the clipped-ratio GRPO loss on every completion token;
+- ``capo``: the paper's CAPO: the loss only on the tokens ``opt.select`` keeps (default: the
+  paper's symmetric rule |m_H| < 1e-2, m_F < 1e-4 on the last layer's quadratic model);
+- ``capo_step``: CAPO's curvature-aware step alone: no token is rejected, and each step is scaled
+  so that its predicted KL is at most ``--max-policy-shift``.
+
+CAPO changes two lines of the loop: the optimizer is wrapped, and the loss is computed on
 ``keep = opt.select(hidden, actions, advantages, mask, logits=logits)`` instead of ``mask``.
 
-    python examples/grpo.py --quick          # one seed, about 3 minutes on 2 CPU cores
-    python examples/grpo.py                  # three seeds, longer
-    python examples/grpo.py --methods grpo-aggressive capo-aggressive --delta-f 1e-3
+    python examples/grpo.py --quick          # one seed, a minute or two on 2 CPU cores
+    python examples/grpo.py                  # five seeds
+    python examples/grpo.py --methods grpo-aggressive capo-aggressive capo_step-aggressive
     python examples/grpo.py --model PATH --data problems.jsonl   # any local causal LM
 
 Outputs in ``--out``: ``summary.json``, ``metrics.jsonl`` (one row per optimizer step and run),

@@ -42,7 +42,7 @@ class WarmStart:
     hidden_size: int = 64
     layers: int = 2
     heads: int = 4
-    target_accuracy: float = 0.3
+    target_accuracy: float = 0.35
     max_steps: int = 2000
     batch: int = 64
     lr: float = 3e-3

@@ -53,6 +53,7 @@ def _generate(
 
 
 def _decode(tokenizer: PreTrainedTokenizerBase, completions: Tensor, mask: Tensor) -> list[str]:
+    """Each completion's text up to its EOS, special tokens dropped."""
     return [
         tokenizer.decode(ids[keep], skip_special_tokens=True)
         for ids, keep in zip(completions, mask)
