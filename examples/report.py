@@ -80,7 +80,7 @@ def table(summary: dict) -> str:
         return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
     columns = ["initial", "final", "best", "lowest", "rejected"]
-    header = f"{'method':<6} {'regime':<13} {'lr':>8} {'compl/step':>10} {'seeds':>5} " + " ".join(
+    header = f"{'method':<9} {'regime':<13} {'lr':>8} {'compl/step':>10} {'seeds':>5} " + " ".join(
         f"{c + ' %':>12}" for c in columns
     )
     lines = [header, "-" * len(header)]
@@ -93,7 +93,7 @@ def table(summary: dict) -> str:
             stat([r["rejected_frac"] for r in runs]),
         ]
         lines.append(
-            f"{method:<6} {regime:<13} {runs[0]['lr']:>8.1e} {runs[0]['completions_per_step']:>10} "
+            f"{method:<9} {regime:<13} {runs[0]['lr']:>8.1e} {runs[0]['completions_per_step']:>10} "
             f"{len(runs):>5} " + " ".join(f"{c:>12}" for c in cells)
         )
     return "\n".join(lines)
