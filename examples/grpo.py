@@ -369,7 +369,7 @@ def train_step(
                 loss_type=cfg.loss_type,
                 epsilon_low=cfg.epsilon_low,
                 epsilon_high=cfg.epsilon_high,
-                max_completion_length=batch.completions.shape[1],
+                max_completion_length=batch.max_new_tokens,
                 ref_logps=None if ref is None else ref[rows],
                 beta=cfg.beta,
             )
@@ -416,8 +416,9 @@ def step_kl(model: PreTrainedModel, batch: Rollout, before: torch.Tensor, cfg: C
     """k3 estimate of KL(π_before ‖ π_after) on the sampled completion tokens.
 
     ``before`` are the tokens' log-probabilities when they were sampled; the completions are
-    samples of π_before, so the mean of ``r − 1 − log r`` (``r = π_after / π_before``) is an
-    unbiased, non-negative estimate that needs one forward and no ``[B, T, V]`` storage.
+    samples of π_before (exactly so with ``top_k=0``), so the mean of ``r − 1 − log r``
+    (``r = π_after / π_before``) is an unbiased, non-negative estimate that needs one forward and
+    no ``[B, T, V]`` storage.
     """
     after = batch_logps(model, batch, cfg)
     log_r = after - before

@@ -19,13 +19,15 @@ class Rollout:
 
     ``input_ids``/``attention_mask``/``position_ids`` ``[B, P + T]`` cover prompt and completion
     (prompts left-padded to width ``P``); ``completions`` and ``mask`` ``[B, T]`` are the sampled
-    tokens and the tokens up to and including EOS; ``rewards`` ``[B]``.
+    tokens and the tokens up to and including EOS (``T ≤ max_new_tokens``: generation stops when
+    every completion has ended); ``rewards`` ``[B]``.
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     position_ids: Tensor
     prompt_width: int
+    max_new_tokens: int
     completions: Tensor
     mask: Tensor
     rewards: Tensor
@@ -102,6 +104,7 @@ def rollout(
         attention_mask=attention_mask,
         position_ids=position_ids,
         prompt_width=prompt_ids.shape[1],
+        max_new_tokens=max_new_tokens,
         completions=completions,
         mask=mask,
         rewards=rewards,
