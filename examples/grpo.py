@@ -531,6 +531,7 @@ def train(
 
 
 def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when present, else the CPU; any other name as torch spells it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
