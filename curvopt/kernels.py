@@ -5,7 +5,7 @@ elementwise operations and reductions over ``[n, R]``. Eager PyTorch writes ever
 memory; compiled, they fuse into one pass. Fusion changes speed only: the same Python function runs
 either way.
 
-``CURVOPT_COMPILE`` (environment): ``auto`` (default) compiles blocks of at least
+``CURVOPT_COMPILE`` (environment): ``auto`` (default) compiles work of at least
 ``MIN_ELEMENTS`` elements, ``1`` always, ``0`` never. If compilation fails (no C++ compiler, an
 unsupported platform), curvopt warns once and stays eager.
 """
@@ -35,10 +35,10 @@ def _wanted(size: int) -> bool:
     return size >= MIN_ELEMENTS
 
 
-def call(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)``, through ``torch.compile`` when wanted for a first argument of this size."""
+def call(fn: Callable[..., Any], size: int, *args: Any) -> Any:
+    """``fn(*args)``, through ``torch.compile`` when wanted for work of ``size`` elements."""
     global _broken
-    if _broken or not _wanted(args[0].numel()):
+    if _broken or not _wanted(size):
         return fn(*args)
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=True)

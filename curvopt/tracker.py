@@ -550,7 +550,8 @@ class CurvatureTracker:
         """Logits ``[n, V]`` (compute dtype) of tokens ``sl`` of the batch; checked finite."""
         if batch.logits is not None:
             z = batch.logits[batch.positions[sl]].to(batch.h.dtype)
-            if not torch.isfinite(z).all():
+            # one reduction instead of an elementwise isfinite: any inf or nan reaches the sum
+            if not torch.isfinite(z.sum(-1, dtype=torch.float64)).all():
                 raise ValueError("logits: contains non-finite values at masked-in positions")
             return z
         return self._head_logits(batch.h[sl], self.params, batch.h.dtype)
@@ -646,7 +647,7 @@ class CurvatureTracker:
                     b = _bias_terms(parts[1]) if len(parts) > 1 else (None, 0.0, None, None)
                     t = self.transform
                     stats = kernels.call(
-                        _block_stats, z, lse[sl], coef[sl], local, g, dh, reach,
+                        _block_stats, z.numel(), z, lse[sl], coef[sl], local, g, dh, reach,
                         _kind(parts[0].step), *b, fix_at, fix_val,
                         t.scale, t.softcap, t.temperature,
                     )  # fmt: skip
@@ -997,6 +998,15 @@ def _adam_token_change(step: AdamStep, h: Tensor, cv: Tensor, rows: Rows) -> Ten
     for c0 in range(0, width, block):
         c1 = min(c0 + block, width)
         sel = _column_rows(rows, c0, c1)
+        if isinstance(sel, Tensor):  # gathered rows: one fusable function reads the state
+            out[:, c0:c1] = kernels.call(
+                _adam_gathered, sel.numel() * h.shape[1], step.exp_avg, step.exp_avg_sq,
+                step.max_exp_avg_sq, step.param, sel, cv[:, c0:c1], h, step.beta1, step.beta2,
+                step.eps * root, -step.step_size * root,
+                0.0 if decoupled else step.weight_decay,
+                step.lr * step.weight_decay if decoupled else 0.0,
+            )  # fmt: skip
+            continue
         q = cv[:, c0:c1].unsqueeze(2) * h.unsqueeze(1)
         if step.weight_decay and not step.decoupled:
             q.add_(step._read(step.param, sel), alpha=step.weight_decay)
@@ -1017,6 +1027,42 @@ def _adam_token_change(step: AdamStep, h: Tensor, cv: Tensor, rows: Rows) -> Ten
             u.sub_(_rows_dot(step._read(step.param, sel), h), alpha=step.lr * step.weight_decay)
         out[:, c0:c1] = u
     return out
+
+
+def _adam_gathered(
+    exp_avg: Tensor | None,
+    exp_avg_sq: Tensor | None,
+    max_exp_avg_sq: Tensor | None,
+    param: Tensor,
+    rows: Tensor,
+    cv: Tensor,
+    h: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    scale: float,
+    l2: float,
+    decay: float,
+) -> Tensor:
+    """``u [n, K]`` of Adam's exact per-token step on each token's rows ``[n, K]`` (see
+    :func:`_adam_token_change`; ``eps`` and ``scale`` already carry √(1-β2^k)). Plain tensors
+    and numbers, so that compiled it reads the state rows once, without materialising them."""
+    dtype = h.dtype
+    q = cv.unsqueeze(2) * h.unsqueeze(1)
+    p = param[rows].to(dtype) if (l2 or decay) else None
+    if l2:
+        q = q + l2 * p
+    if exp_avg is None:
+        m, v = (1 - beta1) * q, (1 - beta2) * q * q
+    else:
+        m = beta1 * exp_avg[rows].to(dtype) + (1 - beta1) * q
+        v = beta2 * exp_avg_sq[rows].to(dtype) + (1 - beta2) * q * q
+    if max_exp_avg_sq is not None:
+        v = torch.maximum(v, max_exp_avg_sq[rows].to(dtype))
+    u = (m / (v.sqrt() + eps) * h.unsqueeze(1)).sum(2) * scale
+    if decay:
+        u = u - decay * (p * h.unsqueeze(1)).sum(2)
+    return u
 
 
 def _column_rows(rows: Rows, c0: int, c1: int) -> Rows:

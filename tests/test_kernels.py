@@ -9,12 +9,16 @@ from helpers import TinyPolicy, make_batch, policy_loss
 from curvopt import CurvatureTracker, kernels
 
 
-@pytest.mark.parametrize("direction", ["frozen", "shadow"])
-def test_compiled_blocks_equal_eager_blocks(direction, monkeypatch):
+@pytest.mark.parametrize(
+    "kw",
+    [dict(direction="frozen"), dict(direction="shadow"), dict(direction="exact", top_k=5)],
+    ids=["frozen", "shadow", "exact-topk"],
+)
+def test_compiled_blocks_equal_eager_blocks(kw, monkeypatch):
     torch.manual_seed(0)
     model = TinyPolicy(vocab=40).double()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    tracker = CurvatureTracker(model.lm_head, opt, direction=direction, temperature=0.8)
+    tracker = CurvatureTracker(model.lm_head, opt, temperature=0.8, **kw)
     for i in range(2):  # Adam and the shadow moments get state
         batch = make_batch(i, V=40)
         batch["x"] = batch["x"].double()
