@@ -275,6 +275,10 @@ class CAPO(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         """Take the inner step, or skip it when the window's selections kept no token."""
+        if not _at_step_boundary(self.optimizer):
+            # accelerate between accumulation boundaries: its step() does nothing, and the window
+            # (statistics, skip decision, shadow moments) goes on to the real step
+            return self.optimizer.step() if closure is None else self.optimizer.step(closure)
         if self._open and self._window is not None and float(self._window["kept_tokens"]) == 0:
             loss = None
             if closure is not None:
@@ -375,3 +379,9 @@ class CAPO(torch.optim.Optimizer):
         if own is not None:
             self._counters.update(own["counters"])
             self.tracker.load_state_dict(own["tracker"])
+
+
+def _at_step_boundary(optimizer: torch.optim.Optimizer) -> bool:
+    """False while an accelerate-wrapped optimizer accumulates gradients (``sync_gradients``)."""
+    state = getattr(optimizer, "gradient_state", None)
+    return bool(getattr(state, "sync_gradients", True))

@@ -84,14 +84,36 @@ class LogitMoments:
     ) -> None:
         """Add rows: ``u, probs, v, r`` of shape ``[n, rows]``, for tokens ``index`` (a slice of
         this accumulator's tokens; all of them by default). ``u`` may be overwritten."""
-        sl = slice(None) if index is None else index
-        self.vu[sl] += _dot(v, u)
-        if r is not None:
-            self.vr[sl] += _dot(v, r)
+        self.merge(*self.block(u, probs, v, r), index=index)
+
+    @staticmethod
+    def block(
+        u: Tensor, probs: Tensor, v: Tensor, r: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One block's ``(v·u, v·r, Σπ, mean_π u, Σπ(u − mean)²)`` per token (``u`` may be
+        overwritten)."""
+        vu = _dot(v, u)
+        vr = torch.zeros_like(vu) if r is None else _dot(v, r)
         w = probs.sum(-1)
         safe = torch.where(w > 0, w, torch.ones_like(w))
         mean = _dot(probs, u) / safe
         m2 = _dot(probs, u.sub_(mean.unsqueeze(-1)).square_())
+        return vu, vr, w, mean, m2
+
+    def merge(
+        self,
+        vu: Tensor,
+        vr: Tensor,
+        w: Tensor,
+        mean: Tensor,
+        m2: Tensor,
+        *,
+        index: slice | None = None,
+    ) -> None:
+        """Merge one block's statistics (from :meth:`block`) into tokens ``index``."""
+        sl = slice(None) if index is None else index
+        self.vu[sl] += vu
+        self.vr[sl] += vr
         weight = self.weight[sl]
         total = weight + w
         safe_total = torch.where(total > 0, total, torch.ones_like(total))

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import distributed, generic, wholemodel
+from . import distributed, generic, kernels, wholemodel
 from .directions import (
     SUPPORTED_OPTIMIZERS,
     AdamStep,
@@ -550,7 +550,8 @@ class CurvatureTracker:
         """Logits ``[n, V]`` (compute dtype) of tokens ``sl`` of the batch; checked finite."""
         if batch.logits is not None:
             z = batch.logits[batch.positions[sl]].to(batch.h.dtype)
-            if not torch.isfinite(z).all():
+            # one reduction instead of an elementwise isfinite: any inf or nan reaches the sum
+            if not torch.isfinite(z.sum(-1, dtype=torch.float64)).all():
                 raise ValueError("logits: contains non-finite values at masked-in positions")
             return z
         return self._head_logits(batch.h[sl], self.params, batch.h.dtype)
@@ -629,25 +630,32 @@ class CurvatureTracker:
                 fix[sl] = _token_logit_change(h[sl], coef[sl], grad, steps, rows)
                 fix[sl] -= _token_logit_change(h[sl], coef[sl], grad, approx, rows)
         block = max(1, CHUNK_ELEMENTS // width)
+        fused = not isinstance(approx[0], AdamStep)
         for r0 in range(0, batch.vocab, block):
             r1 = min(r0 + block, batch.vocab)
             parts = [restrict(step, slice(r0, r1)) for step in approx]
             for sl in _chunks(tokens.numel(), max(1, CHUNK_ELEMENTS // (r1 - r0))):
                 z = self._block_logits(batch, tokens[sl], r0, r1)
-                probs = self.transform(z).sub_(lse[sl].unsqueeze(1)).exp_()
-                v = probs.neg()
-                hit = ((acts[sl] >= r0) & (acts[sl] < r1)).nonzero().squeeze(1)
-                v[hit, acts[sl][hit] - r0] += 1
-                d1, d2 = self.transform.derivatives(z)
-                grad = v if self.transform.identity else v * d1
-                u = _token_logit_change(h[sl], coef[sl], grad, parts, None)
+                local = torch.where((acts[sl] >= r0) & (acts[sl] < r1), acts[sl] - r0, -1)
+                fix_at = fix_val = None
                 if fix is not None:
                     inside = (fix_rows[sl] >= r0) & (fix_rows[sl] < r1)
-                    at = (fix_rows[sl] - r0).clamp(0, r1 - r0 - 1)
-                    u.scatter_add_(1, at, torch.where(inside, fix[sl], 0))
-                if not self.transform.identity:
-                    u, r = u * d1, None if d2 is None else d2 * u.square()
-                m.add(u, probs, v, None if self.transform.identity else r, index=sl)
+                    fix_at = (fix_rows[sl] - r0).clamp(0, r1 - r0 - 1)
+                    fix_val = torch.where(inside, fix[sl], 0)
+                if fused:
+                    g, dh, reach = _weight_terms(parts[0], h[sl])
+                    b = _bias_terms(parts[1]) if len(parts) > 1 else (None, 0.0, None, None)
+                    t = self.transform
+                    stats = kernels.call(
+                        _block_stats, z.numel(), z, lse[sl], coef[sl], local, g, dh, reach,
+                        _kind(parts[0].step), *b, fix_at, fix_val,
+                        t.scale, t.softcap, t.temperature,
+                    )  # fmt: skip
+                else:
+                    stats = _block_stats_eager(
+                        z, lse[sl], coef[sl], local, h[sl], parts, fix_at, fix_val, self.transform
+                    )
+                m.merge(*stats, index=sl)
         return m
 
     def _token_moments_topk(
@@ -797,6 +805,123 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
+def _weight_terms(w: Restricted, h: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """For a block of weight rows: the per-row factor g of the candidate's share (``P (h ⊙ h)``,
+    ``P‖h‖²`` or ``κ‖h‖₁``), the drift's logit change ``D h`` and the saturation reach."""
+    if isinstance(w.step, FrozenAdamStep):
+        g = (h * h) @ w.coef.T
+        reach = w.step.limit * h.abs().sum(1, keepdim=True)
+    elif isinstance(w.step, SignStep):
+        g, reach = w.coef * h.abs().sum(1, keepdim=True), None
+    else:
+        g, reach = w.coef * (h * h).sum(1, keepdim=True), None
+    dh = None if w.drift is None else h @ w.drift.T
+    return g, dh, reach
+
+
+def _kind(step: StepModel) -> str:
+    return {AffineStep: "affine", FrozenAdamStep: "frozen", SignStep: "sign"}[type(step)]
+
+
+def _bias_terms(b: Restricted) -> tuple[str, float | Tensor, Tensor | None, float | None]:
+    """(kind, coefficient, drift, limit) of a bias step on a block, as plain values."""
+    limit = b.step.limit if isinstance(b.step, FrozenAdamStep) else None
+    return _kind(b.step), b.coef, b.drift, limit
+
+
+def _block_stats(
+    z: Tensor,
+    lse: Tensor,
+    coef: Tensor,
+    action: Tensor,
+    g: Tensor,
+    dh: Tensor | None,
+    reach: Tensor | None,
+    kind: str,
+    bias_kind: str | None,
+    bias_coef: float | Tensor,
+    bias_drift: Tensor | None,
+    bias_limit: float | None,
+    fix_at: Tensor | None,
+    fix_val: Tensor | None,
+    scale: float,
+    softcap: float | None,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One block of head rows for n tokens, elementwise after the products (fusable: plain
+    tensors and numbers only, so ``torch.compile`` sees one graph for every block).
+
+    ``z [n, R]`` raw logits, ``lse [n]`` the policy's normaliser, ``coef [n]`` c_t, ``action [n]``
+    the action's column in the block or −1; ``g``, ``dh``, ``reach`` from :func:`_weight_terms`
+    for a step of ``kind``; the bias step's terms; ``fix`` adds exact-step corrections at columns
+    ``fix_at``; the logit transform φ by its three numbers. Returns the block's
+    ``(v·u, v·r, Σπ, mean_π u, Σπ(u − mean)²)`` per token, u the policy logits' change.
+    """
+    transform = LogitTransform(scale, softcap, temperature)
+    probs = torch.exp(transform(z) - lse.unsqueeze(1))
+    d1, d2 = transform.derivatives(z)
+    columns = torch.arange(z.shape[1], device=z.device)
+    hot = (columns == action.unsqueeze(1)).to(z.dtype)
+    cv = (probs - hot) * coef.unsqueeze(1)
+    if not transform.identity:
+        cv = cv * d1
+    u = _saturate(kind, cv, cv * g, g, reach)
+    if dh is not None:
+        u = u + dh
+    if bias_kind is not None:
+        u = u + _saturate(bias_kind, cv, cv * bias_coef, bias_coef, bias_limit)
+        if bias_drift is not None:
+            u = u + bias_drift
+    if fix_at is not None:
+        u = u.scatter_add(1, fix_at, fix_val)
+    r = None
+    if not transform.identity:
+        r = None if d2 is None else d2 * u.square()
+        u = u * d1
+    v = hot - probs
+    vu = (v * u).sum(1)
+    vr = torch.zeros_like(vu) if r is None else (v * r).sum(1)
+    w = probs.sum(1)
+    mean = (probs * u).sum(1) / torch.where(w > 0, w, torch.ones_like(w))
+    m2 = (probs * (u - mean.unsqueeze(1)).square()).sum(1)
+    return vu, vr, w, mean, m2
+
+
+def _saturate(
+    kind: str, cv: Tensor, x: Tensor, scale: float | Tensor, reach: float | Tensor | None
+) -> Tensor:
+    """The candidate's share of a row's change: ``x`` (affine), saturated ``x`` (frozen Adam,
+    ``x / √(1 + (x / reach)²)``) or ``sign(cv)·scale`` (Adam's first step)."""
+    if kind == "frozen":
+        return x / torch.sqrt(1 + (x / reach).square())
+    if kind == "sign":
+        return torch.sign(cv) * scale
+    return x
+
+
+def _block_stats_eager(
+    z: Tensor,
+    lse: Tensor,
+    coef: Tensor,
+    action: Tensor,
+    h: Tensor,
+    parts: list[Restricted],
+    fix_at: Tensor | None,
+    fix_val: Tensor | None,
+    transform: LogitTransform,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_block_stats` for Adam's exact step, whose weight part is elementwise in H."""
+    probs = torch.exp(transform(z) - lse.unsqueeze(1))
+    d1, d2 = transform.derivatives(z)
+    hot = (torch.arange(z.shape[1], device=z.device) == action.unsqueeze(1)).to(z.dtype)
+    v = hot - probs
+    u = _token_logit_change(h, coef, v * d1, parts, None)
+    if fix_at is not None:
+        u = u.scatter_add(1, fix_at, fix_val)
+    r = None if d2 is None else d2 * u.square()
+    return LogitMoments.block(u * d1, probs, v, r)
+
+
 def _with_action(best: Tensor, actions: Tensor) -> Tensor:
     """``best [n, E]`` indices with each token's action put in place of its last entry when it is
     not already among them."""
@@ -873,6 +998,15 @@ def _adam_token_change(step: AdamStep, h: Tensor, cv: Tensor, rows: Rows) -> Ten
     for c0 in range(0, width, block):
         c1 = min(c0 + block, width)
         sel = _column_rows(rows, c0, c1)
+        if isinstance(sel, Tensor):  # gathered rows: one fusable function reads the state
+            out[:, c0:c1] = kernels.call(
+                _adam_gathered, sel.numel() * h.shape[1], step.exp_avg, step.exp_avg_sq,
+                step.max_exp_avg_sq, step.param, sel, cv[:, c0:c1], h, step.beta1, step.beta2,
+                step.eps * root, -step.step_size * root,
+                0.0 if decoupled else step.weight_decay,
+                step.lr * step.weight_decay if decoupled else 0.0,
+            )  # fmt: skip
+            continue
         q = cv[:, c0:c1].unsqueeze(2) * h.unsqueeze(1)
         if step.weight_decay and not step.decoupled:
             q.add_(step._read(step.param, sel), alpha=step.weight_decay)
@@ -893,6 +1027,42 @@ def _adam_token_change(step: AdamStep, h: Tensor, cv: Tensor, rows: Rows) -> Ten
             u.sub_(_rows_dot(step._read(step.param, sel), h), alpha=step.lr * step.weight_decay)
         out[:, c0:c1] = u
     return out
+
+
+def _adam_gathered(
+    exp_avg: Tensor | None,
+    exp_avg_sq: Tensor | None,
+    max_exp_avg_sq: Tensor | None,
+    param: Tensor,
+    rows: Tensor,
+    cv: Tensor,
+    h: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    scale: float,
+    l2: float,
+    decay: float,
+) -> Tensor:
+    """``u [n, K]`` of Adam's exact per-token step on each token's rows ``[n, K]`` (see
+    :func:`_adam_token_change`; ``eps`` and ``scale`` already carry √(1-β2^k)). Plain tensors
+    and numbers, so that compiled it reads the state rows once, without materialising them."""
+    dtype = h.dtype
+    q = cv.unsqueeze(2) * h.unsqueeze(1)
+    p = param[rows].to(dtype) if (l2 or decay) else None
+    if l2:
+        q = q + l2 * p
+    if exp_avg is None:
+        m, v = (1 - beta1) * q, (1 - beta2) * q * q
+    else:
+        m = beta1 * exp_avg[rows].to(dtype) + (1 - beta1) * q
+        v = beta2 * exp_avg_sq[rows].to(dtype) + (1 - beta2) * q * q
+    if max_exp_avg_sq is not None:
+        v = torch.maximum(v, max_exp_avg_sq[rows].to(dtype))
+    u = (m / (v.sqrt() + eps) * h.unsqueeze(1)).sum(2) * scale
+    if decay:
+        u = u - decay * (p * h.unsqueeze(1)).sum(2)
+    return u
 
 
 def _column_rows(rows: Rows, c0: int, c1: int) -> Rows:

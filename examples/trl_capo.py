@@ -12,6 +12,7 @@ the command line::
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -161,5 +162,17 @@ def main(argv: list[str] | None = None) -> CAPOGRPOTrainer:
     return trainer
 
 
+def teardown(trainer: CAPOGRPOTrainer) -> None:
+    """Under torch.distributed: release DDP's reducer before its process group, then destroy the
+    group (left to interpreter exit, the order can be wrong and gloo aborts the process)."""
+    if not torch.distributed.is_initialized():
+        return
+    accelerator = trainer.accelerator
+    del trainer
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
+
+
 if __name__ == "__main__":
-    main()
+    teardown(main())

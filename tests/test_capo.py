@@ -324,3 +324,38 @@ def test_realised_shift_uses_the_transformed_policy(softcap):
     new = policy(model.lm_head(hidden))
     expected = torch.nn.functional.kl_div(new, old, log_target=True, reduction="none").sum(-1)
     torch.testing.assert_close(kl, expected.detach())
+
+
+def test_an_accelerate_optimizer_steps_once_per_accumulated_window():
+    """Wrapped by accelerate with gradient accumulation, CAPO's window spans the accumulated
+    micro-batches and counts one step per real step."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
+    try:
+        model = TinyPolicy()
+        model, inner = accelerator.prepare(model, adamw(model))
+        opt = CAPO(inner, head=model.lm_head, **ACCEPT_ALL)
+        assert opt.tracker.optimizer is inner.optimizer
+        for i in range(4):
+            with accelerator.accumulate(model):
+                batch = make_batch(i)
+                h, logits = model(batch["x"])
+                keep = opt.select(
+                    h, batch["actions"], batch["advantages"], batch["mask"], logits=logits
+                )
+                accelerator.backward(
+                    policy_loss(logits, batch["actions"], batch["advantages"], keep)
+                )
+                opt.step()
+                opt.zero_grad()
+            if i % 2 == 1:
+                both = make_batch(i - 1)["mask"].sum() + batch["mask"].sum()
+                assert opt.stats["tokens"] == both.item()
+        assert opt.stats["steps"] == 2
+        assert int(inner.optimizer.state[model.lm_head.weight]["step"]) == 2
+    finally:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()

@@ -54,6 +54,8 @@ LOGGED_STATS = (
     "policy_shift_mean",
     "policy_shift_realised",
     "policy_shift_step_model",
+    "step_policy_shift",
+    "step_scale",
 )
 
 
@@ -119,6 +121,14 @@ class CAPOConfig(GRPOConfig):
             "help": "After each step, measure the head update's exact KL on the kept tokens "
             "(capo/policy_shift_realised) beside its quadratic model "
             "(capo/policy_shift_step_model)."
+        },
+    )
+    capo_max_policy_shift: float | None = field(
+        default=None,
+        metadata={
+            "help": "CAPO's curvature-aware step: scale each step's learning rate so that the "
+            "predicted mean KL of the head's actual update on the kept tokens stays within this "
+            "bound (capo/step_scale, capo/step_policy_shift). None: off."
         },
     )
     capo_allow_tied_head: bool = field(
@@ -261,6 +271,7 @@ class CAPOGRPOTrainer(GRPOTrainer):
             logit_scale=scale,
             softcap=softcap,
             track_realised=args.capo_track_realised,
+            max_policy_shift=args.capo_max_policy_shift,
         )
         self.capo.register_step_post_hook(self._log_capo)
         self.optimizer = self.capo
