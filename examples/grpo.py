@@ -83,7 +83,12 @@ class Config:
     """Command-line options (``--name`` or ``--name-with-dashes``; booleans take ``--no-name``)."""
 
     methods: list[str] = field(
-        default_factory=lambda: ["grpo-conservative", "grpo-aggressive", "capo-aggressive"],
+        default_factory=lambda: [
+            "grpo-conservative",
+            "grpo-aggressive",
+            "capo-aggressive",
+            "capo_step-aggressive",
+        ],
         metadata={
             "help": "runs to make, each METHOD-REGIME: grpo; capo (the paper's token rejection); "
             f"capo_step (CAPO's curvature-aware step alone); from {METHODS}"
@@ -210,6 +215,11 @@ class Run:
     @property
     def name(self) -> str:
         return f"{self.method}-{self.regime}"
+
+    @property
+    def family(self) -> str:
+        """``"grpo"`` or ``"capo"`` (either CAPO mechanism), as ``summary.json`` names it."""
+        return "grpo" if self.method == "grpo" else "capo"
 
 
 def parse(argv: list[str] | None = None) -> Config:
@@ -493,7 +503,8 @@ def train(
         kept += stats.get("kept_tokens", 0.0)
         completions = (step + 1) * per_step
         row = {
-            "method": run.method,
+            "method": run.family,
+            "variant": run.method,
             "regime": run.regime,
             "seed": run.seed,
             "step": step + 1,
@@ -515,7 +526,8 @@ def train(
     bar.close()
     accuracies = [a for _, a in curve]
     return {
-        "method": run.method,
+        "method": run.family,
+        "variant": run.method,
         "regime": run.regime,
         "seed": run.seed,
         "completions": run.steps * per_step,

@@ -14,6 +14,11 @@ import matplotlib.pyplot as plt
 
 __all__ = ["plot", "table"]
 
+NAMES = {
+    "grpo": "GRPO",
+    "capo": "CAPO (token rejection)",
+    "capo_step": "CAPO step (max_policy_shift)",
+}
 COLOURS = {
     ("grpo", "conservative"): "tab:blue",
     ("grpo", "aggressive"): "tab:red",
@@ -40,14 +45,14 @@ def plot(summary: dict, metrics: Path, path: Path, window: int = 20) -> None:
     fig, (acc_ax, rej_ax, kl_ax) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     labelled = set()
     for run in summary["runs"]:
-        key = (run["method"], run["regime"])
-        label = None if key in labelled else f"{key[0].upper()} {key[1]}"
+        key = (run["variant"], run["regime"])
+        label = None if key in labelled else f"{NAMES.get(key[0], key[0])} {key[1]}"
         labelled.add(key)
         style = {"color": COLOURS.get(key), "alpha": 0.8, "label": label}
         acc_ax.plot(*zip(*run["curve"]), **style)
-        steps = [r for r in rows if (r["method"], r["regime"], r["seed"]) == (*key, run["seed"])]
+        steps = [r for r in rows if (r["variant"], r["regime"], r["seed"]) == (*key, run["seed"])]
         x = [r["completions"] for r in steps]
-        if run["method"] != "grpo":
+        if run["variant"] != "grpo":
             rej_ax.plot(x, _smooth([100 * r["rejected_frac"] for r in steps], window), **style)
         if steps and "kl_realised" in steps[0]:
             kl_ax.plot(x, _smooth([r["kl_realised"] for r in steps], window), **style)
@@ -71,7 +76,7 @@ def table(summary: dict) -> str:
     at the end, at its best and at its lowest after the start, and CAPO's token rejection rate."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for run in summary["runs"]:
-        groups[(run["method"], run["regime"])].append(run)
+        groups[(run["variant"], run["regime"])].append(run)
 
     def stat(values: list[float]) -> str:
         values = [100 * v for v in values]

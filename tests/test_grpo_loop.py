@@ -40,11 +40,11 @@ def _run(tmp_path: Path, *args: str) -> tuple[dict, list[dict], Path]:
 def test_two_steps_with_and_without_capo_write_the_outputs(tmp_path):
     methods = ["grpo-conservative", "grpo-aggressive", "capo-aggressive", "capo_step-aggressive"]
     summary, rows, out = _run(tmp_path, "--methods", *methods)
-    assert [(r["method"], r["regime"]) for r in summary["runs"]] == [
-        ("grpo", "conservative"),
-        ("grpo", "aggressive"),
-        ("capo", "aggressive"),
-        ("capo_step", "aggressive"),
+    assert [(r["method"], r["variant"], r["regime"]) for r in summary["runs"]] == [
+        ("grpo", "grpo", "conservative"),
+        ("grpo", "grpo", "aggressive"),
+        ("capo", "capo", "aggressive"),
+        ("capo", "capo_step", "aggressive"),
     ]
     for run in summary["runs"]:
         assert run["seed"] == 0
@@ -58,7 +58,7 @@ def test_two_steps_with_and_without_capo_write_the_outputs(tmp_path):
     assert on_disk["runs"] == summary["runs"]
     assert (out / "accuracy.png").stat().st_size > 0
     assert len(rows) == 1 + 2 + 2 + 2  # the conservative run takes one step of 4 prompts
-    capo_rows = [r for r in rows if r["method"] == "capo"]
+    capo_rows = [r for r in rows if r["variant"] == "capo"]
     for row in capo_rows:
         for key in ("rejected_frac", "objective_shift_mean", "policy_shift_mean"):
             assert key in row
@@ -66,7 +66,7 @@ def test_two_steps_with_and_without_capo_write_the_outputs(tmp_path):
     for row in rows:
         assert row["kl_realised"] >= 0.0 and 0.0 <= row["reward_mean"] <= 1.0
     for row in rows:
-        if row["method"] == "capo_step":
+        if row["variant"] == "capo_step":
             assert row["rejected_frac"] == 0.0 and 0.0 < row["step_scale"] <= 1.0
         else:
             assert "step_scale" not in row
