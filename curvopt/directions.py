@@ -37,6 +37,7 @@ __all__ = [
     "ShadowAdam",
     "SignStep",
     "StepModel",
+    "adam_delta",
     "adam_step",
     "optimizer_steps",
     "restrict",
@@ -130,21 +131,53 @@ class AdamStep(_AdamState):
     """
 
     def __call__(self, q: Tensor, rows: Rows = None) -> Tensor:
-        p = self._read(self.param, rows)
-        if self.weight_decay and not self.decoupled:
-            q = q + self.weight_decay * p
-        m = q * (1 - self.beta1)
-        v = q * q * (1 - self.beta2)
-        if self.exp_avg is not None:
-            m = m + self.beta1 * self._read(self.exp_avg, rows)
-            v = v + self.beta2 * self._read(self.exp_avg_sq, rows)
-        if self.max_exp_avg_sq is not None:
-            v = torch.maximum(v, self._read(self.max_exp_avg_sq, rows))
-        denom = v.sqrt() / math.sqrt(1 - self.beta2 ** (self.step + 1)) + self.eps
-        delta = m / denom * (-self.step_size)
-        if self.weight_decay and self.decoupled:
-            delta = delta - (self.lr * self.weight_decay) * p
-        return delta
+        return adam_delta(
+            q,
+            self._read(self.param, rows),
+            self._read(self.exp_avg, rows),
+            self._read(self.exp_avg_sq, rows),
+            self._read(self.max_exp_avg_sq, rows),
+            self.lr,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+            self.decoupled,
+            self.step,
+        )
+
+
+def adam_delta(
+    q: Tensor,
+    param: Tensor,
+    exp_avg: Tensor | None,
+    exp_avg_sq: Tensor | None,
+    max_exp_avg_sq: Tensor | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    step: int,
+) -> Tensor:
+    """Δ of :class:`AdamStep` on state already restricted to q's rows (plain tensors and numbers,
+    so that it can be fused by ``torch.compile``)."""
+    if weight_decay and not decoupled:
+        q = q + weight_decay * param
+    m = q * (1 - beta1)
+    v = q * q * (1 - beta2)
+    if exp_avg is not None:
+        m = m + beta1 * exp_avg
+        v = v + beta2 * exp_avg_sq
+    if max_exp_avg_sq is not None:
+        v = torch.maximum(v, max_exp_avg_sq)
+    k = step + 1
+    denom = v.sqrt() / math.sqrt(1 - beta2**k) + eps
+    delta = m / denom * (-lr / (1 - beta1**k))
+    if weight_decay and decoupled:
+        delta = delta - (lr * weight_decay) * param
+    return delta
 
 
 class FrozenAdamStep(_AdamState):

@@ -59,7 +59,7 @@ class Batch:
     N masked-in tokens, in row-major order of ``mask``:
     ``positions [N]`` flat indices into ``[B*T]``, ``seq [N]`` sequence index, ``h [N, H]`` hidden
     states (compute dtype), ``actions [N]``, ``adv [N]`` advantages, ``logits`` an optional
-    ``[B*T, V]`` view of the caller's logits, ``topk_idx/topk_logits [N, K]`` when ``top_k`` is set.
+    ``[B, T, V]`` caller's logits, ``topk_idx/topk_logits [N, K]`` when ``top_k`` is set.
     """
 
     shape: tuple[int, int]
@@ -269,8 +269,10 @@ class CurvatureTracker:
         acts = actions.reshape(-1)[positions]
         adv = advantages.detach()
         adv = (adv[seq] if adv.dim() == 1 else adv.reshape(-1)[positions]).to(dtype)
-        flat_logits = None if logits is None else logits.detach().reshape(B * T, -1)
-        vocab = self._vocab(flat_logits, h)
+        # kept [B, T, V] and indexed by (sequence, position): logits sliced out of a longer
+        # output are not contiguous, and a reshape would copy them whole
+        logits = None if logits is None else logits.detach()
+        vocab = self._vocab(logits, h)
         if acts.numel() and (acts.min() < 0 or acts.max() >= vocab):
             bad = acts[(acts < 0) | (acts >= vocab)][0].item()
             raise ValueError(
@@ -278,11 +280,10 @@ class CurvatureTracker:
             )
         if self.top_k is not None and self.top_k > vocab:
             raise ValueError(f"top_k: {self.top_k} exceeds the vocabulary size {vocab}")
-        batch = Batch((B, T), mask, positions, seq, h, acts, adv, vocab, flat_logits)
+        batch = Batch((B, T), mask, positions, seq, h, acts, adv, vocab, logits)
         batch.forward = forward
-        if self.whole:
-            # the logits are checked finite when read; here they are only needed for that
-            self._logits(batch, slice(None))
+        if self.whole and not torch.isfinite(logits.sum(-1, dtype=torch.float64)[mask]).all():
+            raise ValueError("logits: the forward's logits are non-finite at masked-in positions")
         if self.top_k is not None and batch.n:
             vals, idxs = [], []
             for sl in _chunks(batch.n, max(1, CHUNK_ELEMENTS // vocab)):
@@ -415,16 +416,25 @@ class CurvatureTracker:
         own curvature, is zero for a linear head; for the whole model it needs a nested
         forward-mode pass and is included only with ``curvature=True``.
         """
-        batch = self.prepare(hidden, actions, advantages, mask, logits, forward=forward)
-        B, T = batch.shape
-        dtype, device = batch.h.dtype, batch.h.device
+        dtype = self._dtype(hidden)
         deltas = wholemodel.planned_update(
             self._steps(dtype, frozen=False), self.params, self.optimizer
         )
         if self.whole:
+            if not callable(forward):
+                raise TypeError(
+                    "forward: tracking params other than 'head' needs a callable mapping the "
+                    f"model to the completion logits [B, T, V], got {type(forward).__name__}"
+                )
+            # the forward-mode pass also gives the logits: no separate forward for them
             z, u, r = wholemodel.step_logit_change(
                 self.model, self.names, self.params, deltas, forward, curvature=curvature
             )
+            logits = z
+        batch = self.prepare(hidden, actions, advantages, mask, logits, forward=forward)
+        B, T = batch.shape
+        device = batch.h.device
+        if self.whole:
             z, u = (x.reshape(B * T, -1)[batch.positions].to(dtype) for x in (z, u))
             if r is not None:
                 r = r.reshape(B * T, -1)[batch.positions].to(dtype)
@@ -539,9 +549,9 @@ class CurvatureTracker:
             return z + params[1] if len(params) > 1 else z
         return generic.head_logits(self.head, self.names, params, h, None)
 
-    def _vocab(self, flat_logits: Tensor | None, h: Tensor) -> int:
-        if flat_logits is not None:
-            return flat_logits.shape[-1]
+    def _vocab(self, logits: Tensor | None, h: Tensor) -> int:
+        if logits is not None:
+            return logits.shape[-1]
         if self.linear:
             return self.params[0].shape[0]
         return self._head_logits(h[:1], self.params, h.dtype).shape[-1]
@@ -549,7 +559,8 @@ class CurvatureTracker:
     def _logits(self, batch: Batch, sl: slice | Tensor) -> Tensor:
         """Logits ``[n, V]`` (compute dtype) of tokens ``sl`` of the batch; checked finite."""
         if batch.logits is not None:
-            z = batch.logits[batch.positions[sl]].to(batch.h.dtype)
+            z = batch.logits[batch.seq[sl], batch.positions[sl] % batch.shape[1]]
+            z = z.to(batch.h.dtype)
             # one reduction instead of an elementwise isfinite: any inf or nan reaches the sum
             if not torch.isfinite(z.sum(-1, dtype=torch.float64)).all():
                 raise ValueError("logits: contains non-finite values at masked-in positions")
@@ -776,7 +787,8 @@ class CurvatureTracker:
     def _gathered_logits(self, batch: Batch, tokens: Tensor, rows: Tensor) -> Tensor:
         """Raw logits ``[n, E]`` of each token at its own head rows ``rows [n, E]``."""
         if batch.logits is not None:
-            return batch.logits[batch.positions[tokens].unsqueeze(1), rows].to(batch.h.dtype)
+            b, t = batch.seq[tokens], batch.positions[tokens] % batch.shape[1]
+            return batch.logits[b.unsqueeze(1), t.unsqueeze(1), rows].to(batch.h.dtype)
         w = self.params[0].detach()[rows].to(batch.h.dtype)
         z = torch.bmm(w, batch.h[tokens].unsqueeze(2)).squeeze(2)
         if len(self.params) > 1:
@@ -785,7 +797,8 @@ class CurvatureTracker:
 
     def _block_logits(self, batch: Batch, tokens: Tensor, r0: int, r1: int) -> Tensor:
         if batch.logits is not None:
-            return batch.logits[batch.positions[tokens], r0:r1].to(batch.h.dtype)
+            b, t = batch.seq[tokens], batch.positions[tokens] % batch.shape[1]
+            return batch.logits[b, t, r0:r1].to(batch.h.dtype)
         w = self.params[0][r0:r1].detach().to(batch.h.dtype)
         z = batch.h[tokens] @ w.T
         if len(self.params) > 1:

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
-from .directions import StepModel
+from . import kernels
+from .directions import AdamStep, StepModel, adam_delta
 from .quadratic import LogitMoments
 
 if TYPE_CHECKING:
@@ -146,9 +147,17 @@ def planned_update(
     for step, p in zip(steps, params):
         if p.grad is None:
             out.append(torch.zeros_like(p, dtype=step.dtype))
+            continue
+        g = p.grad.detach().to(step.dtype)
+        g = -g if maximize.get(id(p), False) else g
+        if isinstance(step, AdamStep):  # a whole parameter, elementwise: fused when large
+            tensors = (step.param, step.exp_avg, step.exp_avg_sq, step.max_exp_avg_sq)
+            state = [step._read(t, None) for t in tensors]
+            hyper = (step.lr, step.beta1, step.beta2, step.eps, step.weight_decay)
+            hyper += (step.decoupled, step.step)
+            out.append(kernels.call(adam_delta, g.numel(), g, *state, *hyper))
         else:
-            g = p.grad.detach().to(step.dtype)
-            out.append(step(-g if maximize.get(id(p), False) else g))
+            out.append(step(g))
     return out
 
 
