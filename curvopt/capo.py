@@ -54,7 +54,9 @@ class CAPO(torch.optim.Optimizer):
         if select was called and no token was kept since the last step:   (step)
             skip the inner step (Δθ = 0: no decay, no momentum), skipped_steps += 1
         else:
-            optimizer.step()
+            s ← 1, or with max_policy_shift: s ← min(1, √(max_policy_shift / m)),
+                m the predicted mean KL of the update about to be taken
+            optimizer.step() with every learning rate × s (for this step only)
 
     Args:
         optimizer: the optimizer to wrap (``torch.optim.SGD/Adam/AdamW`` for directions
