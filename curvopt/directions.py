@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import kernels
+
 __all__ = [
     "AdamStep",
     "AffineStep",
@@ -204,22 +206,15 @@ class FrozenAdamStep(_AdamState):
 
     def parts(self, rows: Rows = None) -> tuple[Tensor, Tensor]:
         """(coef, drift) at ``rows``, computed from the state there (nothing is cached)."""
+        tensors = [self._read(t, rows) for t in (self.param, self.exp_avg, self.exp_avg_sq)]
+        vmax = self._read(self.max_exp_avg_sq, rows)
         k = self.step + 1
-        p = self._read(self.param, rows)
-        v = self._read(self.exp_avg_sq, rows) * self.beta2
-        l2 = self.weight_decay * p if (self.weight_decay and not self.decoupled) else None
-        if l2 is not None:
-            v = v + (1 - self.beta2) * l2 * l2
-        if self.max_exp_avg_sq is not None:
-            v = torch.maximum(v, self._read(self.max_exp_avg_sq, rows))
-        inv = v.sqrt_().div_(math.sqrt(1 - self.beta2**k)).add_(self.eps).reciprocal_()
-        m = self._read(self.exp_avg, rows) * self.beta1
-        if l2 is not None:
-            m = m + (1 - self.beta1) * l2
-        drift = m.mul_(inv).mul_(-self.step_size)
-        if self.weight_decay and self.decoupled:
-            drift = drift.add_(p, alpha=-self.lr * self.weight_decay)
-        return inv.mul_(-self.step_size * (1 - self.beta1)), drift
+        l2 = self.weight_decay if not self.decoupled else 0.0
+        decay = self.lr * self.weight_decay if self.decoupled else 0.0
+        return kernels.call(
+            frozen_parts, tensors[0].numel(), *tensors, vmax, self.beta1, self.beta2,
+            self.eps, math.sqrt(1 - self.beta2**k), self.step_size, l2, decay,
+        )  # fmt: skip
 
     def __call__(self, q: Tensor, rows: Rows = None) -> Tensor:
         coef, drift = self.parts(rows)
@@ -228,6 +223,36 @@ class FrozenAdamStep(_AdamState):
 
 
 StepModel = AffineStep | FrozenAdamStep | SignStep | AdamStep
+
+
+def frozen_parts(
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    root: float,
+    step_size: float,
+    l2: float,
+    decay: float,
+) -> tuple[Tensor, Tensor]:
+    """(coef, drift) of :class:`FrozenAdamStep` from its state on some rows (plain tensors and
+    numbers, so that it can be fused): ``root = √(1-β2^k)``, ``step_size = lr/(1-β1^k)``, ``l2``
+    the L2 coefficient and ``decay`` = lr·λ of decoupled decay (one of them 0)."""
+    v = exp_avg_sq * beta2
+    m = exp_avg * beta1
+    if l2:
+        v = v + (1 - beta2) * (l2 * param).square()
+        m = m + (1 - beta1) * l2 * param
+    if max_exp_avg_sq is not None:
+        v = torch.maximum(v, max_exp_avg_sq)
+    inv = 1 / (v.sqrt() / root + eps)
+    drift = m * inv * (-step_size)
+    if decay:
+        drift = drift - decay * param
+    return inv * (-step_size * (1 - beta1)), drift
 
 
 @dataclass
