@@ -275,13 +275,15 @@ def test_config_parses_from_the_command_line(tmp_path):
     command_line = (
         f"--output_dir {tmp_path} --bf16 false --capo_rule symmetric --capo_delta_h 1e-2 "
         "--capo_delta_f 2e-4 --capo_levels token sequence --capo_top_k 50 --capo_fisher true "
-        "--capo_direction shadow --capo_track_realised --capo_allow_tied_head"
+        "--capo_direction shadow --capo_track_realised --capo_allow_tied_head "
+        "--capo_max_policy_shift 3e-4"
     )
     (args,) = parser.parse_args_into_dataclasses(command_line.split())
     assert (args.capo_rule, args.capo_delta_h, args.capo_delta_f) == ("symmetric", 1e-2, 2e-4)
     assert (args.capo_levels, args.capo_top_k) == (["token", "sequence"], 50)
     assert (args.capo_fisher, args.capo_direction) == ("true", "shadow")
     assert args.capo_track_realised and args.capo_allow_tied_head
+    assert args.capo_max_policy_shift == 3e-4
     defaults = _config(tmp_path)
     assert (defaults.capo_rule, defaults.capo_delta_f, defaults.capo_levels) == (
         "theorem",
@@ -325,7 +327,8 @@ def test_global_normaliser_with_entropy_bonus_raises(model_dir, tokenizer, tmp_p
 
 
 def test_smoke_run_logs_finite_capo_metrics(tmp_path, capsys):
-    trainer = example.main(["--smoke", "--output_dir", str(tmp_path)])
+    argv = ["--smoke", "--output_dir", str(tmp_path), "--capo_max_policy_shift", "1e-12"]
+    trainer = example.main(argv)
     assert trainer.optimizer.optimizer is trainer.capo  # accelerate wraps CAPO, which steps
     assert trainer.capo.stats["steps"] + trainer.capo.stats["skipped_steps"] == 2
     logged = [h for h in trainer.state.log_history if "capo/rejected_frac" in h]
@@ -337,6 +340,8 @@ def test_smoke_run_logs_finite_capo_metrics(tmp_path, capsys):
         h["capo/policy_shift_realised"] for h in logged if "capo/policy_shift_realised" in h
     ]
     assert realised and all(math.isfinite(r) and r >= 0 for r in realised)
+    scales = [h["capo/step_scale"] for h in logged if "capo/step_scale" in h]
+    assert scales and all(0 < s < 1 for s in scales)  # the bound is far below any real step
     assert "capo/rejected_frac" in capsys.readouterr().out
 
 
