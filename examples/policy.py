@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -157,8 +158,14 @@ def load_or_warm_start(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "warm_start.json").write_text(json.dumps(asdict(spec) | result, indent=2))
-        # rename last, so an interrupted save never looks like a cached model
-        tmp.rename(path)
+        # rename last, so an interrupted save never looks like a cached model; when another
+        # process (a DDP rank) got there first, keep its copy
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not (path / "config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return (*load_pretrained(path, device), path)
 
 

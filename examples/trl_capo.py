@@ -1,13 +1,12 @@
-"""Train a tiny model to add numbers with TRL's GRPO and CAPO (``CAPOGRPOTrainer``).
+"""GRPO with CAPO in TRL (``CAPOGRPOTrainer``) on the main example's arithmetic task.
 
-Everything is built here, offline: problems such as ``12+34=`` with answer ``46``, a
-character-level tokenizer (``tokenizers`` wrapped in ``PreTrainedTokenizerFast``), a small
-``Qwen2ForCausalLM`` from a config, and a reward that parses the completion (1 for the right sum,
-partial credit for another number, 0 for anything else). Every ``CAPOConfig`` option parses from
-the command line::
+The task, tokenizer and policy are those of ``examples/grpo.py`` (``arith.py``, ``policy.py``):
+prompts such as ``23+58=``, worked completions ending ``#81``, reward 1 for the right final answer;
+the policy is the warm-started 2-layer Qwen2, trained once (about 30 s) and cached. Every
+``CAPOConfig`` option parses from the command line::
 
     python examples/trl_capo.py --smoke                      # 2 steps on CPU, prints the metrics
-    python examples/trl_capo.py --max_steps 300 --capo_rule symmetric --capo_delta_h 1e-2
+    python examples/trl_capo.py --max_steps 300 --capo_max_policy_shift 1e-7
 """
 
 from __future__ import annotations
@@ -16,38 +15,31 @@ import gc
 import math
 import os
 import random
-import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the task and policy modules
 
+import arith
+import policy
 import torch
 from datasets import Dataset
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    HfArgumentParser,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase
 
 from curvopt.integrations.trl import CAPOConfig, CAPOGRPOTrainer
 
-CHARACTERS = "0123456789+="
-PAD, EOS = "<pad>", "<eos>"
-ANSWER = re.compile(r"\d+")
-
-# Defaults for this task, before the user's flags (argparse keeps the last occurrence of a flag).
-# The CAPO thresholds are looser than the paper's (|m_H| < 1e-2, m_F < 1e-4) because the learning
-# rate of this tiny model is about a thousand times larger than that of a 7B model.
+# Defaults for this task, before the user's flags (argparse keeps the last occurrence of a flag):
+# the main example's aggressive regime (32 completions per step at 5× its conservative lr) with
+# the paper's thresholds.
 TASK_ARGS = [
     "--max_steps", "300",
     "--per_device_train_batch_size", "32",
     "--num_generations", "8",
-    "--max_completion_length", "4",
-    "--learning_rate", "1e-3",
+    "--max_completion_length", str(arith.Task.addition(2, 1).max_new_tokens),
+    "--learning_rate", "3e-4",
     "--warmup_steps", "10",
     "--logging_steps", "10",
     "--bf16", "false",
@@ -55,11 +47,11 @@ TASK_ARGS = [
     "--report_to", "none",
     "--save_strategy", "no",
     "--capo_rule", "symmetric",
-    "--capo_delta_h", "0.1",
-    "--capo_delta_f", "1e-2",
+    "--capo_delta_h", "1e-2",
+    "--capo_delta_f", "1e-4",
     "--capo_track_realised", "true",
 ]  # fmt: skip
-# --smoke: 2 tiny steps on CPU.
+# --smoke: 2 small steps on CPU.
 SMOKE_ARGS = [
     "--max_steps", "2",
     "--per_device_train_batch_size", "8",
@@ -72,68 +64,41 @@ SMOKE_ARGS = [
 
 @dataclass
 class TaskArguments:
-    """The arithmetic task and the model size."""
+    """The arithmetic task and the policy."""
 
     smoke: bool = field(default=False, metadata={"help": "2 tiny steps on CPU, offline."})
     digits: int = field(default=2, metadata={"help": "Digits of each operand."})
     problems: int = field(default=2048, metadata={"help": "Training problems."})
-    hidden_size: int = field(default=64, metadata={"help": "Model width."})
-    layers: int = field(default=2, metadata={"help": "Decoder layers."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Warm-start cache (default: $CURVOPT_CACHE or ~/.cache/curvopt)."},
+    )
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character of ``CHARACTERS``, plus padding and end-of-sequence."""
-    vocab = {tok: i for i, tok in enumerate([PAD, EOS, *CHARACTERS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
+def make_tokenizer() -> PreTrainedTokenizerBase:
+    """The task's character-level tokenizer."""
+    return arith.build_tokenizer()
+
+
+def make_model(
+    tokenizer: PreTrainedTokenizerBase, hidden_size: int, layers: int
+) -> PreTrainedModel:
+    """An untrained policy of the main example's architecture, sized ``hidden_size × layers``."""
+    return policy.build_model(tokenizer, hidden_size, layers, heads=4, max_len=64)
 
 
 def make_problems(n: int, digits: int, seed: int) -> Dataset:
-    """``n`` problems ``"a+b="`` with ``answer`` the decimal sum."""
-    rng = random.Random(seed)
-    high = 10**digits - 1
-    pairs = [(rng.randint(0, high), rng.randint(0, high)) for _ in range(n)]
+    """``n`` training problems (never from the held-out test set): ``prompt`` and ``answer``."""
+    held_out = min(256, 10 ** (2 * digits) // 4)  # the main example's test set (256 at 2 digits)
+    problems = arith.Task.addition(digits, held_out).sample(random.Random(seed), n)
     return Dataset.from_dict(
-        {"prompt": [f"{a}+{b}=" for a, b in pairs], "answer": [str(a + b) for a, b in pairs]}
+        {"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]}
     )
 
 
 def arithmetic_reward(completions: list[str], answer: list[str], **_: object) -> list[float]:
-    """1 for the exact sum; for another number, 0.1 plus up to 0.5 for the digits it gets right
-    (aligned from the units); 0 for anything that is not a number."""
-    rewards = []
-    for text, target in zip(completions, answer):
-        text = text.strip()
-        if text == target:
-            rewards.append(1.0)
-        elif ANSWER.fullmatch(text):
-            right = sum(a == b for a, b in zip(reversed(text), reversed(target)))
-            rewards.append(0.1 + 0.5 * right / max(len(text), len(target)))
-        else:
-            rewards.append(0.0)
-    return rewards
-
-
-def make_model(
-    tokenizer: PreTrainedTokenizerFast, hidden_size: int, layers: int
-) -> Qwen2ForCausalLM:
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        attn_implementation="eager",
-    )
-    return Qwen2ForCausalLM(config)
+    """The task's reward: 1 for a completion whose final answer is right, else 0."""
+    return [arith.check(c, a) for c, a in zip(completions, answer)]
 
 
 def main(argv: list[str] | None = None) -> CAPOGRPOTrainer:
@@ -144,9 +109,11 @@ def main(argv: list[str] | None = None) -> CAPOGRPOTrainer:
         argv += ["--output_dir", tempfile.mkdtemp(prefix="trl_capo_")]
     task, config = HfArgumentParser((TaskArguments, CAPOConfig)).parse_args_into_dataclasses(argv)
     torch.manual_seed(config.seed)
-    tokenizer = make_tokenizer()
+    cache = Path(task.cache_dir) if task.cache_dir else policy.default_cache_dir()
+    spec = policy.WarmStart(digits=task.digits)
+    model, tokenizer, _ = policy.load_or_warm_start(spec, cache, torch.device("cpu"))
     trainer = CAPOGRPOTrainer(
-        model=make_model(tokenizer, task.hidden_size, task.layers),
+        model=model,
         reward_funcs=arithmetic_reward,
         args=config,
         train_dataset=make_problems(task.problems, task.digits, config.seed),
