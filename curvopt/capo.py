@@ -82,7 +82,9 @@ class CAPO(torch.optim.Optimizer):
             forward-mode pass per micro-batch; weight decay and momentum included), and scales
             every group's learning rate for this step by ``s = min(1, √(max_policy_shift / m))``
             (the update is linear in the learning rate, so its predicted shift is ``s²·m``).
-            Reports ``stats["step_policy_shift"]`` (m) and ``stats["step_scale"]`` (s).
+            Reports ``stats["step_policy_shift"]`` (m) and ``stats["step_scale"]`` (s). With
+            ``levels=()`` nothing is rejected and ``select`` models no candidates: the step
+            alone, at the cost of that forward-mode pass.
         process_group: under ``torch.distributed`` (DDP: same head and optimizer state on every
             rank), the batch level and every statistic cover the group's global batch (default:
             the world), so all ranks take the same batch decision and the same skip decision;

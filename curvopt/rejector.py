@@ -44,7 +44,9 @@ class SampleRejector:
       ``delta_h = 1e-2, delta_f = 1e-4``).
 
     ``levels`` are applied in order, each re-evaluated on the survivors of the previous one (the
-    paper's sequential masking); a rejected sequence or batch removes all its tokens.
+    paper's sequential masking); a rejected sequence or batch removes all its tokens. With
+    ``levels=()`` nothing is modelled or rejected: ``select`` validates the inputs and keeps the
+    mask (for ``CAPO(..., max_policy_shift=...)``, the curvature-aware step alone).
     """
 
     def __init__(
@@ -66,8 +68,10 @@ class SampleRejector:
                 f"levels: expected a sequence of levels such as ('token',), got {levels!r}"
             )
         levels = tuple(levels)
-        if not levels or any(lv not in LEVELS for lv in levels) or len(set(levels)) != len(levels):
-            raise ValueError(f"levels: expected distinct levels from {LEVELS}, got {levels}")
+        if any(lv not in LEVELS for lv in levels) or len(set(levels)) != len(levels):
+            raise ValueError(
+                f"levels: expected distinct levels from {LEVELS} (or none), got {levels}"
+            )
         self.rule: Rule = rule
         self.delta_h = float(delta_h)
         self.delta_f = float(delta_f)

@@ -74,8 +74,6 @@ METHODS = tuple(
     for method in ("grpo", "capo", "capo_step")
     for regime in ("conservative", "aggressive")
 )
-#: thresholds no token's quadratic model reaches: ``capo_step`` rejects nothing
-NO_REJECTION = 1e9
 
 
 @dataclass
@@ -277,9 +275,10 @@ def make_optimizer(model: PreTrainedModel, run: Run, cfg: Config) -> torch.optim
         opt,
         head=model.get_output_embeddings(),
         rule=cfg.capo_rule,
-        delta_h=NO_REJECTION if step else cfg.delta_h,
-        delta_f=NO_REJECTION if step else cfg.delta_f,
-        levels=tuple(cfg.capo_levels),
+        delta_h=cfg.delta_h,
+        delta_f=cfg.delta_f,
+        # capo_step: no candidate models, no rejection; the step controller alone
+        levels=() if step else tuple(cfg.capo_levels),
         direction=cfg.capo_direction,
         fisher=cfg.capo_fisher,
         # the loss optimises softmax(logits / temperature): tell CAPO which policy it models

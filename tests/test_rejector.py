@@ -66,6 +66,20 @@ def test_a_rejected_sequence_removes_all_its_tokens(problem):
     assert not keep.any()
 
 
+@given(problem=problems(kinds=("adamw",)))
+def test_no_levels_keeps_the_mask_and_still_validates(problem):
+    p = problem
+    tracker = CurvatureTracker(p.head, p.optimizer)
+    selection = SampleRejector(levels=()).select(tracker, p.hidden, p.actions, p.advantages, p.mask)
+    assert torch.equal(selection.keep, p.mask.bool()) and selection.models == []
+    actions = p.actions.clone()
+    actions[0, 0] = -1
+    mask = p.mask.clone()
+    mask[0, 0] = True
+    with pytest.raises(ValueError, match="actions"):
+        SampleRejector(levels=()).select(tracker, p.hidden, actions, p.advantages, mask)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, name",
     [
@@ -73,7 +87,6 @@ def test_a_rejected_sequence_removes_all_its_tokens(problem):
         (dict(delta_h=float("nan")), ValueError, "delta_h"),
         (dict(delta_f="1e-4"), TypeError, "delta_f"),
         (dict(levels="token"), TypeError, "levels"),
-        (dict(levels=()), ValueError, "levels"),
         (dict(levels=("token", "token")), ValueError, "levels"),
         (dict(levels=("tokens",)), ValueError, "levels"),
     ],

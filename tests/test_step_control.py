@@ -89,6 +89,34 @@ def test_the_step_is_scaled_to_the_bound_and_the_realised_kl_follows(params):
     assert opt.param_groups[0]["lr"] == 3e-2  # the scale applies to one step only
 
 
+@pytest.mark.parametrize("params", ["head", "all"])
+def test_no_levels_is_the_step_alone(params):
+    """``levels=()`` models no candidate and keeps the mask: the same steps as thresholds that
+    accept everything, without the candidates' statistics."""
+    torch.manual_seed(0)
+    a = TinyLM().double()
+    b = copy.deepcopy(a)
+    runs = []
+    for model, kw in ((a, ACCEPT_ALL), (b, dict(levels=()))):
+        extra = {} if params == "head" else dict(params="all", model=model)
+        opt = CAPO(
+            torch.optim.AdamW(model.parameters(), lr=3e-2),
+            head=model.lm_head,
+            max_policy_shift=1e-5,
+            **extra,
+            **kw,
+        )
+        for seed in range(3):
+            keep = lm_step(model, opt, seed, whole=params == "all")
+            assert keep.all()
+        runs.append(opt.stats)
+    accept_all, alone = runs
+    assert "objective_shift_mean" in accept_all and "objective_shift_mean" not in alone
+    assert alone["step_scale"] == accept_all["step_scale"] < 1
+    assert alone["tokens"] == alone["kept_tokens"] == accept_all["tokens"]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
 def test_whole_model_selection_matches_the_tracker():
     torch.manual_seed(0)
     model = TinyLM().double()
