@@ -1,0 +1,118 @@
+"""The stability study's bookkeeping: collapse, crossings, boundaries, the JSON and the figures
+(on synthetic run directories; the runs themselves are examples/grpo.py, tested elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import stability
+
+
+def fake_run(where: Path, variant: str, seed: int, curve: list[list[float]], rejected=0.0):
+    """A run directory as examples/grpo.py writes it."""
+    where.mkdir(parents=True)
+    accuracies = [a for _, a in curve]
+    run = {
+        "method": "capo" if variant.startswith("capo") else "grpo",
+        "variant": variant.split("-")[0],
+        "regime": "aggressive",
+        "seed": seed,
+        "completions": curve[-1][0],
+        "lr": 3e-4,
+        "initial_accuracy": accuracies[0],
+        "final_accuracy": accuracies[-1],
+        "best_accuracy": max(accuracies),
+        "rejected_frac": rejected,
+        "curve": curve,
+        "seconds": 1.0,
+    }
+    (where / "summary.json").write_text(json.dumps({"runs": [run]}))
+    rows = [
+        {
+            "completions": c,
+            "rejected_frac": rejected,
+            "kl_realised": 1e-3,
+            **(
+                {"policy_shift_step_model": 1e-7, "policy_shift_realised": 2e-7}
+                if variant.startswith("capo")
+                else {}
+            ),
+        }
+        for c, _ in curve[1:]
+    ]
+    (where / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+
+def test_collapse_crossing_and_boundary():
+    assert stability.collapsed({"initial_accuracy": 0.4, "final_accuracy": 0.39})
+    assert not stability.collapsed({"initial_accuracy": 0.4, "final_accuracy": 0.4})
+    curve = [(0, 0.4), (100, 0.6), (200, 0.8), (300, 0.7)]
+    assert stability.first_crossing(curve, 0.7) == 200
+    assert stability.first_crossing(curve, 0.9) is None
+    rows = [
+        {"method": "grpo", "lr": lr, "collapsed": c}
+        for lr, cs in ((1e-4, (0, 0, 0)), (3e-4, (0, 1, 0)), (9e-4, (1, 1, 0)))
+        for c in cs
+    ]
+    assert stability.boundary(rows, "grpo") == 3e-4
+    assert stability.boundary(rows, "capo") is None
+    # a stable lr above an unstable one still counts: the highest lr that holds
+    rows.append({"method": "grpo", "lr": 2e-3, "collapsed": False})
+    assert stability.boundary(rows, "grpo") == 2e-3
+
+
+def test_mean_curve_uses_the_common_evaluations():
+    runs = [{"curve": [[0, 0.2], [10, 0.4], [20, 0.6]]}, {"curve": [[0, 0.4], [20, 0.8]]}]
+    assert stability.mean_curve(runs) == [(0, pytest.approx(0.3)), (20, pytest.approx(0.7))]
+
+
+def test_aggregate_writes_the_json_fields_and_figures(tmp_path):
+    out = tmp_path / "runs"
+    seeds = [0, 1, 2]
+    grid = [0, 100, 200, 300, 400]
+    shapes = {
+        "grpo-conservative": [0.4, 0.5, 0.6, 0.7, 0.8],
+        "grpo-aggressive": [0.4, 0.7, 0.3, 0.1, 0.2],
+        "capo-symmetric": [0.4, 0.6, 0.2, 0.0, 0.0],
+        "capo_step-head": [0.4, 0.85, 0.9, 0.9, 0.9],
+    }
+    for name, accs in shapes.items():
+        for s in seeds:
+            rejected = 0.02 if name == "capo-symmetric" else 0.0
+            curve = [[c, a + 0.01 * s] for c, a in zip(grid, accs, strict=True)]
+            fake_run(stability.run_dir(out, name, s), name, s, curve, rejected)
+    for name, finals in (("grpo-aggressive", (0.8, 0.2, 0.1)), ("capo_step-head", (0.9,) * 3)):
+        for lr, final in zip((1e-4, 3e-4, 9e-4), finals, strict=True):
+            for s in seeds:
+                curve = [[0, 0.4], [400, final]]
+                fake_run(stability.run_dir(out, name, s, lr), name, s, curve)
+    result = stability.main(
+        ["--stage", "report", "--out", str(out), "--json", str(tmp_path / "s.json"),
+         "--figures", str(tmp_path / "img"), "--lrs", "1e-4", "3e-4", "9e-4"]
+    )  # fmt: skip
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["seeds"] == 3
+    assert written["target_accuracy"] == pytest.approx(0.81)
+    assert written["capo_variant"] == "capo_step-head"
+    # conservative GRPO reaches 0.81 at 400 completions, the step at 100
+    assert written["efficiency_ratio"] == pytest.approx(4.0)
+    assert written["capo_max_rejected_frac"] == 0.0
+    assert written["collapse_boundary"] == {"grpo": 1e-4, "capo": 9e-4}
+    assert written["stable_lr_ratio"] == pytest.approx(9.0)
+    runs = written["runs"]
+    assert {r["variant"] for r in runs} == set(shapes) and len(runs) == 12
+    assert all({"rule", "collapsed", "curve", "final_accuracy"} <= set(r) for r in runs)
+    assert sum(r["collapsed"] for r in runs) == 6  # the aggressive GRPO and rejection runs
+    assert {r["method"] for r in written["lr_sweep"]} == {"grpo", "capo"}
+    step = next(r for r in runs if r["variant"] == "capo_step-head")
+    assert step["calibration"]["realised_over_predicted_median"] == pytest.approx(2.0)
+    for name in ("stability-accuracy.png", "stability-steps.png", "stability-lr.png"):
+        assert (tmp_path / "img" / name).stat().st_size > 10_000
+    assert "capo_step-head" in result["variants"]
+    assert "| GRPO, conservative | 0 of 3 |" in stability.table(result)
