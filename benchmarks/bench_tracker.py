@@ -21,7 +21,8 @@ The tracker is given the logits, as a training loop has them. Usage::
 
     python benchmarks/bench_tracker.py --quick --json bench.json
     python benchmarks/bench_tracker.py --json benchmarks/results/tracker.json \
-        --plot docs/performance.png
+        --plot docs/img/performance.png
+    python benchmarks/bench_tracker.py --profile --tokens 1024   # where frozen_full's time goes
 """
 
 from __future__ import annotations
@@ -251,6 +252,31 @@ def grpo_step_times(n_tokens: int, layers: int, device: torch.device, repeats: i
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def profile(n_tokens: int, device: torch.device, rows: int = 12) -> str:
+    """``torch.profiler`` tables of the floor and of the full-vocabulary frozen-Adam model (after
+    a warm-up call each): where the time of ``frozen_full`` goes beside ``logits_forward``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    d = build(n_tokens, device)
+    fns = configurations(d)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out = []
+    for name in ("logits_forward", "frozen_full"):
+        with torch.no_grad():
+            fns[name]()
+            sync(device)
+            with torch_profile(activities=activities) as prof:
+                fns[name]()
+                sync(device)
+        out.append(f"== {name}, N = {n_tokens:,}\n")
+        out.append(prof.key_averages().table(sort_by=sort, row_limit=rows))
+    return "\n".join(out)
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -275,9 +301,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="write the ratios and raw numbers here")
     parser.add_argument("--plot", default=None, help="write time and memory against N here")
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="print torch.profiler tables of logits_forward and frozen_full at the first N, only",
+    )  # fmt: skip
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.profile:
+        print(profile((args.tokens or [1024])[0], device))
+        return
     if args._memory:
         print(peak_extra_memory(args._memory, args.tokens[0], device))
         return

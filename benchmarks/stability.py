@@ -175,26 +175,37 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
-def calibration(rows: list[dict]) -> dict | None:
-    """Per-step predicted (the quadratic model of the step taken) against realised KL of the
-    parameters CAPO tracks: quantiles of their ratio, and the whole model's realised KL."""
-    pairs = [
+#: steps whose predicted KL is below this are left out of the calibration: there the measured
+#: KL of the step is float32 rounding of the logits, not the step
+KL_FLOOR = 1e-12
+
+
+def step_pairs(rows: list[dict]) -> list[tuple[float, float]]:
+    """(predicted, realised) KL of the tracked parameters' step, for steps above ``KL_FLOOR``:
+    the quadratic model of the step taken, and its exact KL on the kept tokens."""
+    return [
         (r["policy_shift_step_model"], r["policy_shift_realised"])
         for r in rows
-        if r.get("policy_shift_step_model", 0) > 0 and "policy_shift_realised" in r
+        if r.get("policy_shift_step_model", 0) >= KL_FLOOR and "policy_shift_realised" in r
     ]
+
+
+def calibration(rows: list[dict]) -> dict | None:
+    """Per-step predicted against realised KL of the parameters CAPO tracks (quantiles of their
+    ratio), and the median KL per step of the tracked parameters and of the whole model."""
+    pairs = step_pairs(rows)
     if not pairs:
         return None
     ratios = sorted(real / pred for pred, real in pairs)
     q = statistics.quantiles(ratios, n=10) if len(ratios) > 1 else ratios * 9
     whole = [r["kl_realised"] for r in rows if "kl_realised" in r]
-    tracked = [real for _, real in pairs]
     return {
         "steps": len(pairs),
+        "steps_below_floor": sum("policy_shift_step_model" in r for r in rows) - len(pairs),
         "realised_over_predicted_median": statistics.median(ratios),
         "realised_over_predicted_p10": q[0],
         "realised_over_predicted_p90": q[-1],
-        "tracked_kl_median": statistics.median(tracked),
+        "tracked_kl_median": statistics.median(real for _, real in pairs),
         "whole_model_kl_median": statistics.median(whole) if whole else None,
     }
 
@@ -341,33 +352,35 @@ def plot_accuracy(result: dict, path: Path) -> None:
 
 
 def plot_steps(result: dict, out: Path, seeds: list[int], path: Path, window: int = 50) -> None:
-    """CAPO's rejection rate over training, and each step's realised against predicted KL."""
-    fig, (rej_ax, cal_ax) = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
+    """CAPO's rejection rate over training, each step's realised against predicted KL (of the
+    parameters CAPO tracks), and every variant's whole-model KL per step."""
+    fig, (rej_ax, cal_ax, kl_ax) = plt.subplots(1, 3, figsize=(18, 4.5), constrained_layout=True)
     for v in VARIANTS:
-        if v.family != "capo" or v.name not in result["variants"]:
+        if v.name not in result["variants"]:
             continue
         colour = COLOURS.get(v.name)
-        series, labelled = [], False
+        rejection, kl, labelled, x = [], [], False, []
         for s in seeds:
             loaded = load(run_dir(out, v.name, s))
             if loaded is None:
                 continue
             _, rows = loaded
-            series.append(moving_average([100 * r["rejected_frac"] for r in rows], window))
-            pairs = [
-                (r["policy_shift_step_model"], r["policy_shift_realised"])
-                for r in rows
-                if r.get("policy_shift_step_model", 0) > 0 and "policy_shift_realised" in r
-            ]
+            x = x if len(x) >= len(rows) else [r["completions"] for r in rows]
+            rejection.append(moving_average([100 * r["rejected_frac"] for r in rows], window))
+            kl.append(moving_average([r.get("kl_realised", 0.0) for r in rows], window))
+            pairs = step_pairs(rows)
             if pairs:
-                cal_ax.scatter(
-                    *zip(*pairs), s=3, alpha=0.3, color=colour, label=None if labelled else v.label
-                )
+                label = None if labelled else v.label
+                cal_ax.scatter(*zip(*pairs), s=3, alpha=0.3, color=colour, label=label)
                 labelled = True
-        if v.rule != "max_policy_shift" and series:
-            x = [r["completions"] for r in rows][: min(map(len, series))]
-            mean = [statistics.fmean(col) for col in zip(*series)]
-            rej_ax.plot(x, mean[: len(x)], color=colour, label=v.label)
+        if not kl:
+            continue
+        n = min(map(len, kl))
+        mean = [statistics.fmean(col) for col in zip(*(k[:n] for k in kl))]
+        kl_ax.plot(x[:n], mean, color=colour, label=v.label)
+        if v.family == "capo" and v.rule != "max_policy_shift":
+            mean = [statistics.fmean(col) for col in zip(*(r[:n] for r in rejection))]
+            rej_ax.plot(x[:n], mean, color=colour, label=v.label)
     rej_ax.set(
         xlabel="training completions",
         ylabel="completion tokens rejected (%)",
@@ -376,15 +389,22 @@ def plot_steps(result: dict, out: Path, seeds: list[int], path: Path, window: in
     cal_ax.set(
         xscale="log",
         yscale="log",
-        xlabel="predicted KL of the step (quadratic model)",
+        xlabel="predicted KL of the step (quadratic model), tracked parameters",
         ylabel="realised KL of the step",
-        title="Each step: realised against predicted",
+        title=f"Each step: realised against predicted (≥ {KL_FLOOR:g})",
     )
-    lims = cal_ax.get_xlim()
-    cal_ax.plot(lims, lims, color="grey", linestyle=":", linewidth=1)
-    for ax in (rej_ax, cal_ax):
+    if cal_ax.collections:
+        lo, hi = cal_ax.get_xlim()
+        cal_ax.plot((lo, hi), (lo, hi), color="grey", linestyle=":", linewidth=1)
+    kl_ax.set(
+        yscale="log",
+        xlabel="training completions",
+        ylabel="KL(before ‖ after) per token, whole model",
+        title=f"The policy's change per step ({window}-step average, mean of seeds)",
+    )
+    for ax in (rej_ax, cal_ax, kl_ax):
         if ax.lines or ax.collections:
-            ax.legend(fontsize=8, markerscale=4)
+            ax.legend(fontsize=7, markerscale=4)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -456,6 +476,51 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def calibration_table(result: dict) -> str:
+    """Per variant: realised ÷ predicted KL of the tracked parameters' steps (median of the runs'
+    medians, the lowest 10th and highest 90th percentile), and median KL per step."""
+    lines = [
+        "| variant | steps | realised ÷ predicted, median (p10–p90) | tracked KL per step "
+        "| whole-model KL per step |",
+        "|---|---|---|---|---|",
+    ]
+    for info in result["variants"].values():
+        cal = [c for c in info["calibration"] if c]
+        if not cal:
+            continue
+        whole = [c["whole_model_kl_median"] for c in cal if c["whole_model_kl_median"] is not None]
+        lines.append(
+            f"| {info['label']} | {sum(c['steps'] for c in cal):,} "
+            f"| {statistics.median(c['realised_over_predicted_median'] for c in cal):.3f} "
+            f"({min(c['realised_over_predicted_p10'] for c in cal):.3f}–"
+            f"{max(c['realised_over_predicted_p90'] for c in cal):.3f}) "
+            f"| {statistics.median(c['tracked_kl_median'] for c in cal):.2e} "
+            f"| {statistics.median(whole):.2e} |"
+        )
+    return "\n".join(lines)
+
+
+def sweep_table(result: dict) -> str:
+    """Per learning rate and method: collapsed seeds and accuracy at the budget."""
+    rows = result.get("lr_sweep", [])
+    names = sorted({r["variant"] for r in rows}, key=lambda n: BY_NAME[n].family != "grpo")
+    head = " | ".join(f"{BY_NAME[n].label.split(',')[0]}: collapsed, accuracy %" for n in names)
+    lines = [f"| lr | {head} |", "|---" * (len(names) + 1) + "|"]
+    for lr in sorted({r["lr"] for r in rows}):
+        cells = []
+        for n in names:
+            mine = [r for r in rows if r["variant"] == n and r["lr"] == lr]
+            if not mine:
+                cells.append("–")
+                continue
+            mean, std = mean_std([100 * r["accuracy_at_budget"] for r in mine])
+            cells.append(
+                f"{sum(r['collapsed'] for r in mine)} of {len(mine)}, {mean:.1f} ± {std:.1f}"
+            )
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=("all", "variants", "sweep", "report"), default="all")
@@ -469,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
     parser.add_argument(
         "--sweep-variant",
-        default="capo_step-head",
+        default="capo_step-all",
         choices=[v.name for v in VARIANTS if v.family == "capo"],
         help="the CAPO variant swept against GRPO (the best one)",
     )
@@ -507,8 +572,10 @@ def main(argv: list[str] | None = None) -> dict:
         plot_accuracy(result, figures / "stability-accuracy.png")
         plot_steps(result, out, args.seeds, figures / "stability-steps.png")
         print(table(result))
+        print(calibration_table(result))
     if result.get("lr_sweep"):
         plot_sweep(result, figures / "stability-lr.png")
+        print(sweep_table(result))
     for key in (
         "target_accuracy",
         "capo_variant",

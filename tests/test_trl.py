@@ -202,6 +202,21 @@ def test_gradient_is_trl_loss_over_kept_tokens(loss_type, tools, model_dir, toke
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_no_levels_keeps_trl_loss_mask_and_scales_the_step(model_dir, tokenizer, tmp_path):
+    """``capo_levels=[]``: every token TRL trains on is kept; the step controller still acts."""
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    inputs = _inputs(model)
+    args = _config(tmp_path, capo_levels=[], capo_max_policy_shift=1e-12)
+    trainer = _trainer(model, tokenizer, args)
+    assert trainer.capo.rejector.levels == ()
+    trainer._buffered_inputs, trainer._step = [inputs], 1
+    trainer.training_step(model, None)
+    assert trainer.capo.stats["kept_tokens"] == _loss_mask(inputs).sum()
+    assert "objective_shift_mean" not in trainer.capo.stats
+    trainer.capo.step()
+    assert 0 < trainer.capo.stats["step_scale"] < 1
+
+
 def test_dapo_normalises_by_the_kept_tokens_of_the_whole_step(model_dir, tokenizer, tmp_path):
     """Two accumulated micro-batches: the step's gradient is the sum of TRL's dapo losses with the
     kept token count of the whole step as normaliser, and the logged losses add up to it."""
