@@ -76,7 +76,7 @@ VARIANTS = (
              "--max-policy-shift", "3e-4")),
 )  # fmt: skip
 BY_NAME = {v.name: v for v in VARIANTS}
-LRS = (3e-5, 1e-4, 3e-4, 6e-4, 9e-4)  # 30×, around the aggressive 3e-4
+LRS = (3e-5, 1e-4, 3e-4, 6e-4, 9e-4, 3e-3)  # 100×, around the aggressive 3e-4
 CONSERVATIVE = "grpo-conservative"
 
 
@@ -274,7 +274,7 @@ def aggregate(
         base = variants.get(CONSERVATIVE, {}).get("completions_to_target")
         mine = variants[best].get("completions_to_target")
         result["efficiency_ratio"] = base / mine if base and mine else None
-    sweep = []
+    sweep, curves = [], {}
     for name in ("grpo-aggressive", sweep_variant):
         if name is None:
             continue
@@ -284,6 +284,7 @@ def aggregate(
                 if loaded is None:
                     continue
                 run, _ = loaded
+                curves.setdefault((name, lr), []).append(run)
                 sweep.append(
                     {
                         "method": BY_NAME[name].family,
@@ -305,6 +306,15 @@ def aggregate(
             bounds["capo"] / bounds["grpo"] if bounds["capo"] and bounds["grpo"] else None
         )
         result["sweep_variant"] = sweep_variant
+        target = result.get("target_accuracy")
+        result["sweep_completions_to_target"] = [
+            {
+                "variant": name,
+                "lr": lr,
+                "completions": None if target is None else first_crossing(mean_curve(runs), target),
+            }
+            for (name, lr), runs in curves.items()
+        ]
     return result
 
 
@@ -419,7 +429,13 @@ def plot_sweep(result: dict, path: Path) -> None:
         means = [
             statistics.fmean(r["accuracy_at_budget"] for r in rows if r["lr"] == lr) for lr in lrs
         ]
-        ax.plot(lrs, means, color=colour, marker="o", label=BY_NAME[name].label.split(",")[0])
+        ax.plot(
+            lrs,
+            means,
+            color=colour,
+            marker="o",
+            label=BY_NAME[name].label.removesuffix(", aggressive"),
+        )
         for r in rows:
             ax.scatter(
                 r["lr"],
@@ -501,10 +517,12 @@ def calibration_table(result: dict) -> str:
 
 
 def sweep_table(result: dict) -> str:
-    """Per learning rate and method: collapsed seeds and accuracy at the budget."""
+    """Per learning rate and method: collapsed seeds, accuracy at the budget, and completions to
+    the target (conservative GRPO's final accuracy) of the seed-mean curve."""
     rows = result.get("lr_sweep", [])
     names = sorted({r["variant"] for r in rows}, key=lambda n: BY_NAME[n].family != "grpo")
-    head = " | ".join(f"{BY_NAME[n].label.split(',')[0]}: collapsed, accuracy %" for n in names)
+    cell = "collapsed, accuracy %, completions to target"
+    head = " | ".join(f"{BY_NAME[n].label.removesuffix(', aggressive')}: {cell}" for n in names)
     lines = [f"| lr | {head} |", "|---" * (len(names) + 1) + "|"]
     for lr in sorted({r["lr"] for r in rows}):
         cells = []
@@ -514,8 +532,17 @@ def sweep_table(result: dict) -> str:
                 cells.append("–")
                 continue
             mean, std = mean_std([100 * r["accuracy_at_budget"] for r in mine])
+            reach = next(
+                (
+                    c["completions"]
+                    for c in result.get("sweep_completions_to_target", [])
+                    if (c["variant"], c["lr"]) == (n, lr)
+                ),
+                None,
+            )
             cells.append(
-                f"{sum(r['collapsed'] for r in mine)} of {len(mine)}, {mean:.1f} ± {std:.1f}"
+                f"{sum(r['collapsed'] for r in mine)} of {len(mine)}, {mean:.1f} ± {std:.1f}, "
+                f"{'never' if reach is None else f'{reach:,}'}"
             )
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -94,7 +94,8 @@ def test_aggregate_writes_the_json_fields_and_figures(tmp_path):
                 fake_run(stability.run_dir(out, name, s, lr), name, s, curve)
     result = stability.main(
         ["--stage", "report", "--out", str(out), "--json", str(tmp_path / "s.json"),
-         "--figures", str(tmp_path / "img"), "--lrs", "1e-4", "3e-4", "9e-4"]
+         "--figures", str(tmp_path / "img"), "--lrs", "1e-4", "3e-4", "9e-4",
+         "--sweep-variant", "capo_step-head"]
     )  # fmt: skip
     written = json.loads((tmp_path / "s.json").read_text())
     assert written["seeds"] == 3
@@ -116,3 +117,7 @@ def test_aggregate_writes_the_json_fields_and_figures(tmp_path):
         assert (tmp_path / "img" / name).stat().st_size > 10_000
     assert "capo_step-head" in result["variants"]
     assert "| GRPO, conservative | 0 of 3 |" in stability.table(result)
+    # the step reaches the target (0.81) at 400 completions at every lr; GRPO only at 1e-4
+    assert "| 0.0001 | 0 of 3, 80.0 ± 0.0, never | 0 of 3, 90.0 ± 0.0, 400 |" in (
+        stability.sweep_table(result)
+    )
