@@ -296,6 +296,7 @@ def aggregate(
                         "accuracy_at_budget": run["final_accuracy"],
                         "best_accuracy": run["best_accuracy"],
                         "completions": run["completions"],
+                        "seconds": run.get("seconds", 0.0),
                     }
                 )
     if sweep:
@@ -511,7 +512,7 @@ def calibration_table(result: dict) -> str:
             f"({min(c['realised_over_predicted_p10'] for c in cal):.3f}–"
             f"{max(c['realised_over_predicted_p90'] for c in cal):.3f}) "
             f"| {statistics.median(c['tracked_kl_median'] for c in cal):.2e} "
-            f"| {statistics.median(whole):.2e} |"
+            f"| {f'{statistics.median(whole):.2e}' if whole else '–'} |"
         )
     return "\n".join(lines)
 
@@ -591,6 +592,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = aggregate(out, args.seeds, args.lrs, args.sweep_variant)
     result["command"] = " ".join(["python", "benchmarks/stability.py", *(argv or sys.argv[1:])])
     result["this_invocation_seconds"] = time.time() - began
+    # the runs' own time, one thread each (wall time is about half with --jobs 2)
+    result["runs_seconds_total"] = sum(r.get("seconds", 0.0) for r in result["runs"]) + sum(
+        r["seconds"] for r in result.get("lr_sweep", [])
+    )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     figures = Path(args.figures)
