@@ -152,6 +152,8 @@ def first_crossing(curve: list[tuple[int, float]], target: float) -> int | None:
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start), same length as
+    ``values``."""
     out, total = [], 0.0
     for i, v in enumerate(values):
         total += v - (values[i - window] if i >= window else 0.0)
@@ -172,6 +174,7 @@ def boundary(rows: list[dict], method: str, max_collapsed: int = 1) -> float | N
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (0 for a single value)."""
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
