@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .directions import unwrap_optimizer
-from .quadratic import Fisher, Level
+from .quadratic import Fisher, Level, QuadraticModel
 from .rejector import Rule, SampleRejector, Selection
 from .tracker import CurvatureTracker, Direction
 from .wholemodel import Forward
@@ -54,8 +54,11 @@ class CAPO(torch.optim.Optimizer):
         if select was called and no token was kept since the last step:   (step)
             skip the inner step (Δθ = 0: no decay, no momentum), skipped_steps += 1
         else:
-            s ← 1, or with max_policy_shift: s ← min(1, √(max_policy_shift / m)),
-                m the predicted mean KL of the update about to be taken
+            s ← 1, or with max_policy_shift: m ← predicted mean KL of the update about to be taken
+                if m > max_policy_shift and step_reject_frac > 0:
+                    keep ← keep minus the tokens of largest predicted KL (above the bound)
+                    closure() (gradients of the kept tokens); m ← predicted mean KL again
+                s ← min(1, √(max_policy_shift / m))
             optimizer.step() with every learning rate × s (for this step only)
 
     Args:
@@ -85,6 +88,15 @@ class CAPO(torch.optim.Optimizer):
             Reports ``stats["step_policy_shift"]`` (m) and ``stats["step_scale"]`` (s). With
             ``levels=()`` nothing is rejected and ``select`` models no candidates: the step
             alone, at the cost of that forward-mode pass.
+        step_reject_frac: with ``max_policy_shift``, before scaling a step whose predicted shift
+            exceeds the bound, reject at most this fraction (in ``[0, 1)``, rounded down per
+            ``select`` call) of each micro-batch's kept tokens: those whose own predicted KL under
+            the actual update, ``½u_tᵀF_tu_t``, is above ``max_policy_shift``, largest first. The
+            masks ``select`` returned are updated in place, and ``step(closure)`` is then required:
+            the closure must zero the gradients, recompute the loss with those masks (all
+            micro-batches) and call ``backward()``; it runs once, only when a token was rejected,
+            and the step is planned again from the new gradients (a second forward-mode pass).
+            Reports ``stats["step_rejected"]`` (also counted in ``kept_tokens``/``rejected_frac``).
         process_group: under ``torch.distributed`` (DDP: same head and optimizer state on every
             rank), the batch level and every statistic cover the group's global batch (default:
             the world), so all ranks take the same batch decision and the same skip decision;
@@ -127,6 +139,7 @@ class CAPO(torch.optim.Optimizer):
         params: str | Sequence[nn.Module | nn.Parameter] = "head",
         model: nn.Module | None = None,
         max_policy_shift: float | None = None,
+        step_reject_frac: float = 0.0,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -139,6 +152,19 @@ class CAPO(torch.optim.Optimizer):
         ):
             raise ValueError(
                 f"max_policy_shift: expected None or a finite number > 0, got {max_policy_shift!r}"
+            )
+        if (
+            isinstance(step_reject_frac, bool)
+            or not isinstance(step_reject_frac, (int, float))
+            or not 0 <= step_reject_frac < 1
+        ):
+            raise ValueError(
+                f"step_reject_frac: expected a number in [0, 1), got {step_reject_frac!r}"
+            )
+        if step_reject_frac > 0 and max_policy_shift is None:
+            raise ValueError(
+                "step_reject_frac: rejects tokens of the step that max_policy_shift would scale; "
+                "set max_policy_shift too"
             )
         self.rejector = SampleRejector(rule, delta_h, delta_f, levels)
         self.tracker = CurvatureTracker(
@@ -160,6 +186,7 @@ class CAPO(torch.optim.Optimizer):
         self._alias()
         self.track_realised = bool(track_realised)
         self.max_policy_shift = None if max_policy_shift is None else float(max_policy_shift)
+        self.step_reject_frac = float(step_reject_frac)
         self._counters = dict.fromkeys(_LIFETIME, 0)
         self._window: dict[str, Tensor] | None = None
         self._open = False
@@ -206,6 +233,9 @@ class CAPO(torch.optim.Optimizer):
             forward: with ``params`` beyond the head, a callable mapping the model to the raw
                 logits ``[B, T, V]`` of these completion tokens (then ``hidden`` may be None);
                 with ``max_policy_shift`` it is called again in ``step()``.
+
+        With ``step_reject_frac``, ``step()`` may clear entries of the returned mask in place
+        (the tokens it rejects); the closure passed to ``step`` reads it then.
 
         Bad inputs raise before any statistic changes. Several calls between two steps
         (gradient accumulation) add up in ``stats``.
@@ -292,7 +322,26 @@ class CAPO(torch.optim.Optimizer):
             self._open = False
             return loss
         batches = self._batches if self._open else []
-        self._realised = self._plan_scale(batches) if self.max_policy_shift is not None else {}
+        if self.step_reject_frac > 0 and batches and closure is None:
+            raise ValueError(
+                "closure: step_reject_frac needs step(closure), a closure that zeroes the "
+                "gradients, recomputes the loss with the masks select() returned and calls "
+                "backward()"
+            )
+        loss = None
+        self._realised = {}
+        if self.max_policy_shift is not None:
+            models, self._realised = self._plan_scale(batches)
+            if self.step_reject_frac > 0:
+                rejected = 0
+                if self._realised["step_policy_shift"] > self.max_policy_shift:
+                    rejected = self._reject_largest(batches, models)
+                if rejected:
+                    with torch.enable_grad():
+                        loss = closure()
+                    closure = None  # the gradients are those of the kept tokens now
+                    _, self._realised = self._plan_scale(batches)
+                self._realised["step_rejected"] = float(rejected)
         scale = self._realised.get("step_scale", 1.0)
         measure = self.track_realised and bool(batches)
         before = self._snapshot(batches) if measure else None
@@ -301,7 +350,10 @@ class CAPO(torch.optim.Optimizer):
             for g in self.param_groups:
                 g["lr"] = g["lr"] * scale
         try:
-            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+            if closure is None:
+                self.optimizer.step()
+            else:
+                loss = self.optimizer.step(closure)
         finally:
             for g, lr in zip(self.param_groups, lrs):
                 g["lr"] = lr
@@ -313,19 +365,43 @@ class CAPO(torch.optim.Optimizer):
         self._open = False
         return loss
 
-    def _plan_scale(self, batches: list[_MicroBatch]) -> dict[str, float]:
-        """Predicted mean KL of the update about to be taken, and the learning-rate scale that
-        brings it to ``max_policy_shift``."""
+    def _plan_scale(
+        self, batches: list[_MicroBatch]
+    ) -> tuple[list[QuadraticModel], dict[str, float]]:
+        """Each micro-batch's token model of the update about to be taken, its predicted mean KL,
+        and the learning-rate scale that brings it to ``max_policy_shift``."""
         total = torch.zeros(2, dtype=torch.float64, device=self.tracker.params[0].device)
+        models = []
         for b in batches:
             qm = self.tracker.step_model(
                 b.actions, b.advantages, b.keep, hidden=b.hidden, forward=b.forward, fisher="true"
             )
+            models.append(qm)
             total += torch.stack([qm.policy_shift.sum(), b.keep.sum()]).to(total)
         shift_sum, n = distributed.all_reduce_sum(total, self.tracker.process_group).tolist()
         predicted = shift_sum / n if n else 0.0
         scale = min(1.0, math.sqrt(self.max_policy_shift / predicted)) if predicted > 0 else 1.0
-        return {"step_policy_shift": predicted, "step_scale": scale}
+        return models, {"step_policy_shift": predicted, "step_scale": scale}
+
+    @torch.no_grad()
+    def _reject_largest(self, batches: list[_MicroBatch], models: list[QuadraticModel]) -> int:
+        """Clear, in each micro-batch's kept mask, up to ``step_reject_frac`` of its tokens whose
+        predicted KL exceeds the bound, largest first; the number cleared over the group."""
+        count = torch.zeros(1, dtype=torch.float64, device=self.tracker.params[0].device)
+        for b, qm in zip(batches, models):
+            over = b.keep & (qm.policy_shift > self.max_policy_shift)
+            k = min(int(over.sum()), math.floor(self.step_reject_frac * int(b.keep.sum())))
+            if k:
+                shift = torch.where(over, qm.policy_shift, -math.inf).reshape(-1)
+                idx = torch.topk(shift, k).indices
+                b.keep[idx // b.keep.shape[1], idx % b.keep.shape[1]] = False
+                count += k
+        count = distributed.all_reduce_sum(count, self.tracker.process_group)
+        if self._window is not None:
+            self._window["kept_tokens"] = self._window["kept_tokens"] - count.to(
+                self._window["kept_tokens"]
+            )
+        return int(count.item())
 
     @torch.no_grad()
     def _snapshot(self, batches: list[_MicroBatch]) -> list[Tensor]:

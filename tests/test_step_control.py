@@ -177,3 +177,140 @@ def test_head_controller_with_the_tiny_policy_keeps_scheduler_lr():
         sched.step()
         assert opt.stats["step_scale"] < 1
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+# ---------------------------------------------------------------- rejection before scaling
+
+
+def make_capo(model, params, **kw):
+    extra = {} if params == "head" else dict(params="all", model=model)
+    return CAPO(
+        torch.optim.AdamW(model.parameters(), lr=3e-2),
+        head=model.lm_head,
+        max_policy_shift=1e-5,
+        **extra,
+        **ACCEPT_ALL,
+        **kw,
+    )
+
+
+def select_and_closure(model, opt, seed, params, calls=None):
+    """One micro-batch: the selection and a closure whose loss reads the returned mask."""
+    x, actions, advantages = lm_batch(seed, B=4, T=5)
+    mask = torch.ones_like(actions, dtype=torch.bool)
+    if params == "head":
+        keep = opt.select(model.body(x), actions, advantages, mask, logits=model(x))
+    else:
+        keep = opt.select(None, actions, advantages, mask, forward=lambda m: m(x))
+
+    def closure():
+        if calls is not None:
+            calls.append(keep.clone())
+        opt.zero_grad()
+        loss = policy_loss(model(x), actions, advantages, keep)
+        loss.backward()
+        return loss
+
+    return keep, closure, (x, actions, advantages)
+
+
+@pytest.mark.parametrize("params", ["head", "all"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_step_rejects_its_largest_shift_tokens_then_scales(params, seed):
+    """Reference: the token model of the actual update, the largest-KL tokens above the bound
+    removed by hand, gradients recomputed without them, then the ordinary scaled step."""
+    torch.manual_seed(seed)
+    a = TinyLM().double()
+    b = copy.deepcopy(a)
+    ref = make_capo(a, params)
+    opt = make_capo(b, params, step_reject_frac=0.25)
+    for step in range(2):
+        keep_a, closure_a, (x, actions, advantages) = select_and_closure(
+            a, ref, 10 * seed + step, params
+        )
+        closure_a()
+        qm = ref.tracker.step_model(
+            actions,
+            advantages,
+            keep_a,
+            hidden=a.body(x).detach() if params == "head" else None,
+            forward=lambda m, x=x: m(x),
+            fisher="true",
+        )
+        shift = qm.policy_shift.reshape(-1)
+        k = min(int((shift > 1e-5).sum()), int(0.25 * keep_a.sum()))
+        assert k > 0  # the bound binds: a rejection to check
+        expected = keep_a.clone()
+        expected.view(-1)[torch.argsort(shift, descending=True)[:k]] = False
+        keep_a.copy_(expected)
+        closure_a()
+        ref.step()
+
+        calls = []
+        keep_b, closure_b, _ = select_and_closure(b, opt, 10 * seed + step, params, calls)
+        closure_b()
+        calls.clear()
+        opt.step(closure_b)
+        assert len(calls) == 1 and torch.equal(calls[0], expected)  # the closure saw the new mask
+        assert torch.equal(keep_b, expected)
+        s, r = opt.stats, ref.stats
+        assert s["step_rejected"] == k
+        assert s["kept_tokens"] == keep_b.numel() - k
+        assert s["rejected_frac"] == pytest.approx(k / keep_b.numel())
+        assert (
+            s["step_scale"] == r["step_scale"] and s["step_policy_shift"] == r["step_policy_shift"]
+        )
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_a_step_within_the_bound_rejects_nothing_and_calls_no_extra_closure():
+    torch.manual_seed(0)
+    a = TinyLM().double()
+    b = copy.deepcopy(a)
+    bare = torch.optim.AdamW(a.parameters(), lr=3e-2)
+    opt = make_capo(b, "head", step_reject_frac=0.5)
+    opt.max_policy_shift = 1e300
+    x, actions, advantages = lm_batch(0, B=4, T=5)
+    policy_loss(a(x), actions, advantages, torch.ones_like(actions)).backward()
+    bare.step()
+    calls = []
+    keep, closure, _ = select_and_closure(b, opt, 0, "head", calls)
+    closure()
+    opt.step(closure)
+    assert len(calls) == 2  # ours, and the inner AdamW's own call: none from the controller
+    assert keep.all() and opt.stats["step_rejected"] == 0 and opt.stats["step_scale"] == 1.0
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_step_rejection_needs_a_closure_and_changes_nothing_without_one():
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    opt = make_capo(model, "head", step_reject_frac=0.25)
+    keep, closure, _ = select_and_closure(model, opt, 0, "head")
+    closure()
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = opt.stats
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+    assert keep.all() and opt.stats == stats and not opt.state
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
+    opt.step(closure)  # and the window is still there to step
+    assert opt.stats["step_rejected"] > 0
+
+
+@pytest.mark.parametrize("frac", [-0.1, 1.0, True, "0.1", float("nan")])
+def test_bad_rejection_fractions_are_rejected(frac):
+    model = TinyPolicy()
+    with pytest.raises(ValueError, match="step_reject_frac"):
+        CAPO(
+            torch.optim.AdamW(model.parameters()),
+            head=model.lm_head,
+            max_policy_shift=1e-3,
+            step_reject_frac=frac,
+        )
+
+
+def test_rejection_before_scaling_needs_the_bound():
+    model = TinyPolicy()
+    with pytest.raises(ValueError, match="max_policy_shift"):
+        CAPO(torch.optim.AdamW(model.parameters()), head=model.lm_head, step_reject_frac=0.1)
