@@ -94,8 +94,9 @@ class CAPO(torch.optim.Optimizer):
             the actual update, ``½u_tᵀF_tu_t``, is above ``max_policy_shift``, largest first. The
             masks ``select`` returned are updated in place, and ``step(closure)`` is then required:
             the closure must zero the gradients, recompute the loss with those masks (all
-            micro-batches) and call ``backward()``; it runs once, only when a token was rejected,
-            and the step is planned again from the new gradients (a second forward-mode pass).
+            micro-batches) and call ``backward()``. CAPO calls it once, only when a token was
+            rejected (the inner step never does; ``step`` returns its loss, else None), and plans
+            the step again from the new gradients (a second forward-mode pass).
             Reports ``stats["step_rejected"]`` (also counted in ``kept_tokens``/``rejected_frac``).
         process_group: under ``torch.distributed`` (DDP: same head and optimizer state on every
             rank), the batch level and every statistic cover the group's global batch (default:
@@ -339,9 +340,10 @@ class CAPO(torch.optim.Optimizer):
                 if rejected:
                     with torch.enable_grad():
                         loss = closure()
-                    closure = None  # the gradients are those of the kept tokens now
                     _, self._realised = self._plan_scale(batches)
                 self._realised["step_rejected"] = float(rejected)
+                # the gradients are those of the kept tokens: the inner step must not recompute
+                closure = None
         scale = self._realised.get("step_scale", 1.0)
         measure = self.track_realised and bool(batches)
         before = self._snapshot(batches) if measure else None
