@@ -56,11 +56,47 @@ def step(model, opt, batch: dict):
     return keep, dict(opt.stats)
 
 
+def split_step(model, opt, batch: dict):
+    """As ``step``, with one select per rank's shard (the ranks' micro-batches, accumulated) and
+    a closure: the single-process twin of ``ddp_step`` with ``step_reject_frac``."""
+    half = batch["x"].shape[0] // WORLD
+    parts = [shard(batch, r) for r in range(WORLD)]
+    keeps = []
+    for part in parts:
+        h, logits = model(part["x"])
+        keeps.append(
+            opt.select(h, part["actions"], part["advantages"], part["mask"], logits=logits)
+        )
+
+    def closure():
+        opt.zero_grad()
+        losses = [
+            policy_loss(model(p["x"])[1], p["actions"], p["advantages"], k)
+            for p, k in zip(parts, keeps)
+        ]
+        loss = sum(losses) / WORLD
+        loss.backward()
+        return loss
+
+    closure()
+    opt.step(closure)
+    opt.zero_grad()
+    assert all(k.shape[0] == half for k in keeps)
+    return torch.cat(keeps), dict(opt.stats)
+
+
 def ddp_step(ddp, opt, part: dict) -> tuple:
     h, logits = ddp(part["x"])
     keep = opt.select(h, part["actions"], part["advantages"], part["mask"], logits=logits)
+
+    def closure():
+        opt.zero_grad()
+        loss = policy_loss(ddp(part["x"])[1], part["actions"], part["advantages"], keep)
+        loss.backward()
+        return loss
+
     policy_loss(logits, part["actions"], part["advantages"], keep).backward()
-    opt.step()
+    opt.step(closure if opt.step_reject_frac else None)
     opt.zero_grad()
     return keep, dict(opt.stats)
 
@@ -86,18 +122,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s["direction"])
-def test_two_ranks_match_one_process_on_the_concatenated_batch(setting, monkeypatch):
+def run_ranks(setting: dict, batches: list[dict], monkeypatch) -> list[dict]:
     here = os.path.dirname(os.path.abspath(__file__))  # spawned workers import this module
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-    batches = [make_batch(i, B=4) for i in range(3)]
-    model, opt = make(setting)
-    single = [step(model, opt, b) for b in batches]
     with tempfile.TemporaryDirectory() as tmp:
         init = f"tcp://127.0.0.1:{free_port()}"  # (a file:// store sometimes aborts at exit)
         path = os.path.join(tmp, "out")
         mp.spawn(worker, args=(init, setting, batches, path), nprocs=WORLD, join=True)
-        ranks = [torch.load(f"{path}.{r}", weights_only=False) for r in range(WORLD)]
+        return [torch.load(f"{path}.{r}", weights_only=False) for r in range(WORLD)]
+
+
+def assert_match(single: list[tuple], ranks: list[dict], model) -> float:
+    """Ranks' keeps, statistics and parameters == the single process's; the summed
+    ``rejected_frac``."""
     rejected = 0.0
     for i, (keep, stats) in enumerate(single):
         assert torch.equal(torch.cat([r["results"][i][0] for r in ranks]), keep), f"step {i}"
@@ -107,7 +144,28 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(setting, monkeypa
             assert other.keys() == stats.keys()
             for k, v in stats.items():
                 assert other[k] == pytest.approx(v, rel=1e-4, abs=1e-10), (i, k)
-    assert 0 < rejected < len(single)  # decisions are exercised
     for p0, p1, p in zip(ranks[0]["params"], ranks[1]["params"], model.parameters(), strict=True):
         assert torch.equal(p0, p1)
         torch.testing.assert_close(p0, p.detach(), rtol=1e-5, atol=1e-6)
+    return rejected
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s["direction"])
+def test_two_ranks_match_one_process_on_the_concatenated_batch(setting, monkeypatch):
+    batches = [make_batch(i, B=4) for i in range(3)]
+    model, opt = make(setting)
+    single = [step(model, opt, b) for b in batches]
+    rejected = assert_match(single, run_ranks(setting, batches, monkeypatch), model)
+    assert 0 < rejected < len(single)  # decisions are exercised
+
+
+def test_rejection_before_scaling_is_local_and_its_closure_global(monkeypatch):
+    """Each rank rejects among its own tokens; all ranks re-evaluate together (DDP's backward is
+    a collective) when any rank rejected, and scale by the global prediction."""
+    setting = dict(levels=(), max_policy_shift=1e-5, step_reject_frac=0.25)
+    batches = [make_batch(i, B=4) for i in range(3)]
+    model, opt = make(setting)
+    single = [split_step(model, opt, b) for b in batches]
+    assert_match(single, run_ranks(setting, batches, monkeypatch), model)
+    rejected = [stats["step_rejected"] for _, stats in single]
+    assert rejected[0] > 0 and rejected[-1] == 0  # both branches are exercised
