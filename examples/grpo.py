@@ -68,6 +68,7 @@ CAPO_STATS = (
     "policy_shift_step_model",
     "step_policy_shift",
     "step_scale",
+    "step_rejected",
 )
 METHODS = tuple(
     f"{method}-{regime}"
@@ -193,6 +194,13 @@ class Config:
             "this; the KL of the parameters CAPO models, with --capo-params head the head's share"
         },
     )
+    step_reject_frac: float = field(
+        default=0.0,
+        metadata={
+            "help": "capo_step: before scaling, reject up to this fraction of the tokens whose "
+            "predicted KL under the actual update exceeds --max-policy-shift, largest first"
+        },
+    )
 
 
 #: what ``--quick`` changes (options given on the command line still win)
@@ -287,6 +295,7 @@ def make_optimizer(model: PreTrainedModel, run: Run, cfg: Config) -> torch.optim
         params=cfg.capo_params,
         model=model,
         max_policy_shift=cfg.max_policy_shift if step else None,
+        step_reject_frac=cfg.step_reject_frac if step else 0.0,
     )
 
 
@@ -354,11 +363,46 @@ def train_step(
     def add(key: str, value: float) -> None:
         sums[key] = sums.get(key, 0.0) + value
 
+    def chunk_loss(
+        rows: slice, logits: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return policy_loss(
+            token_logps(logits, batch.completions[rows], cfg.temperature),
+            old[rows],
+            advantages[rows],
+            keep,
+            loss_type=cfg.loss_type,
+            epsilon_low=cfg.epsilon_low,
+            epsilon_high=cfg.epsilon_high,
+            max_completion_length=batch.max_new_tokens,
+            ref_logps=None if ref is None else ref[rows],
+            beta=cfg.beta,
+        )
+
+    def clip() -> float:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+
+    def reevaluate(keeps: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """A closure: the gradients again, with ``keeps`` as the step's own rejection left them
+        (it clears their entries in place)."""
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            losses = []
+            for rows, keep in zip(chunks, keeps):
+                loss = chunk_loss(rows, completion_logits(model, batch, rows), keep)[0]
+                (loss / len(chunks)).backward()
+                losses.append(loss.detach())
+            clip()
+            return torch.stack(losses).mean()
+
+        return closure
+
     for _ in range(cfg.num_iterations):
+        keeps = []
         for rows in chunks:
             logits, hidden = forward(model, batch, rows, hidden=capo)
             actions, mask = batch.completions[rows], batch.mask[rows]
-            logps = token_logps(logits, actions, cfg.temperature)
             keep = mask
             if capo:
                 keep = opt.select(
@@ -370,37 +414,25 @@ def train_step(
                     # how CAPO recomputes these logits when it models more than the head
                     forward=partial(completion_logits, batch=batch, rows=rows),
                 )
-            loss, stats = policy_loss(
-                logps,
-                old[rows],
-                advantages[rows],
-                keep,
-                loss_type=cfg.loss_type,
-                epsilon_low=cfg.epsilon_low,
-                epsilon_high=cfg.epsilon_high,
-                max_completion_length=batch.max_new_tokens,
-                ref_logps=None if ref is None else ref[rows],
-                beta=cfg.beta,
-            )
+            keeps.append(keep)
+            loss, stats = chunk_loss(rows, logits, keep)
             (loss / len(chunks)).backward()
             add("loss", loss.item() / len(chunks))
             add("clip_frac", stats["clip_frac"].item() / len(chunks))
             add("kl_ref", stats["kl"].item() / len(chunks))
-            if capo:
-                # which side of the baseline CAPO's rejections fall on
+        add("grad_norm", clip())
+        add("lr", opt.param_groups[0]["lr"])
+        opt.step(reevaluate(keeps) if capo and opt.step_reject_frac else None)
+        sched.step()
+        opt.zero_grad()
+        if capo:
+            # which side of the baseline CAPO's rejections fall on (after the step's own)
+            for rows, keep in zip(chunks, keeps):
+                mask = batch.mask[rows]
                 adv = advantages[rows, None].expand_as(mask)
                 for side, sel in (("pos", mask & (adv > 0)), ("neg", mask & (adv < 0))):
                     add(f"tokens_{side}", sel.sum().item())
                     add(f"rejected_{side}", (sel & ~keep).sum().item())
-        add(
-            "grad_norm",
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item(),
-        )
-        add("lr", opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if capo:
             s = opt.stats
             for key in CAPO_STATS:
                 if key in s:

@@ -87,6 +87,27 @@ def test_whole_model_step_control(tmp_path):
             assert row["step_scale"] < 1.0
 
 
+def test_step_rejection_in_the_loop(tmp_path, monkeypatch):
+    """The largest-shift tokens of the actual update rejected before scaling, over micro-batches:
+    the loop's closure re-evaluates every micro-batch with the masks the step left."""
+    # an untrained model earns no reward: reward the completions' length parity instead, so
+    # advantages (and updates) are not zero
+    monkeypatch.setattr(arith, "check", lambda text, answer: float(len(text) % 2))
+    _, rows, _ = _run(
+        tmp_path,
+        "--methods", "capo_step-aggressive",
+        "--capo-params", "all",
+        "--max-policy-shift", "1e-6",
+        "--step-reject-frac", "0.25",
+        "--micro-batch", "4",
+    )  # fmt: skip
+    for row in rows:
+        assert 0 < row["step_rejected"] <= 0.25 * row["tokens"]
+        assert row["kept_tokens"] == row["tokens"] - row["step_rejected"]
+        assert row["rejected_frac"] == pytest.approx(row["step_rejected"] / row["tokens"])
+        assert 0.0 < row["step_scale"] < 1.0
+
+
 def test_capo_without_rejection_is_grpo(tmp_path):
     """With thresholds nothing reaches CAPO keeps every token: the loop is GRPO, step for step."""
     _, rows, _ = _run(
