@@ -74,6 +74,11 @@ VARIANTS = (
             "CAPO step, whole-model KL ≤ 3e-4, aggressive",
             ("--methods", "capo_step-aggressive", "--capo-params", "all",
              "--max-policy-shift", "3e-4")),
+    Variant("capo_step-all-reject", "capo", "max_policy_shift", "all",
+            "CAPO step, whole-model KL ≤ 3e-4, ≤ 5 % largest-shift tokens rejected first, "
+            "aggressive",
+            ("--methods", "capo_step-aggressive", "--capo-params", "all",
+             "--max-policy-shift", "3e-4", "--step-reject-frac", "0.05")),
 )  # fmt: skip
 BY_NAME = {v.name: v for v in VARIANTS}
 LRS = (3e-5, 1e-4, 3e-4, 6e-4, 9e-4, 3e-3)  # 100×, around the aggressive 3e-4
@@ -333,6 +338,7 @@ COLOURS = {
     "capo-theorem": "tab:olive",
     "capo_step-head": "tab:orange",
     "capo_step-all": "tab:purple",
+    "capo_step-all-reject": "tab:brown",
 }
 
 
