@@ -434,29 +434,29 @@ class CurvatureTracker:
         batch = self.prepare(hidden, actions, advantages, mask, logits, forward=forward)
         B, T = batch.shape
         device = batch.h.device
-        if self.whole:
-            z, u = (x.reshape(B * T, -1)[batch.positions].to(dtype) for x in (z, u))
-            if r is not None:
-                r = r.reshape(B * T, -1)[batch.positions].to(dtype)
-        else:
-            z = self._logits(batch, slice(None))
-            params = [p.detach().to(dtype) for p in self.params]
-            if self.linear:
-                u = self._head_logits(batch.h, deltas, dtype)
-                r = None
-            else:
-                change = generic._change(self.head, self.names, tuple(params), None)
-                with torch.enable_grad():
-                    u, r = torch.func.vmap(change, in_dims=(0, None))(batch.h, tuple(deltas))
-        d1, d2 = self.transform.derivatives(z)
-        probs = torch.softmax(self.transform(z), -1)
-        v = -probs
-        v[torch.arange(batch.n, device=device), batch.actions] += 1
-        rt = None
-        if r is not None or d2 is not None:
-            rt = (0 if r is None else r * d1) + (0 if d2 is None else d2 * u.square())
+        if not self.whole and not self.linear:
+            params = tuple(p.detach().to(dtype) for p in self.params)
+            change = generic._change(self.head, self.names, params, None)
+        t = self.transform
         m = LogitMoments(batch.n, dtype, device)
-        m.add(u * d1, probs, v, rt)
+        # token chunks: no [n, V] temporary beyond the chunk's, and one fused pass per chunk
+        for sl in _chunks(batch.n, max(1, CHUNK_ELEMENTS // batch.vocab)):
+            zc = self._logits(batch, sl)
+            rc = None
+            if self.whole:
+                at = (batch.seq[sl], batch.positions[sl] % T)
+                uc = u[at].to(dtype)
+                rc = None if r is None else r[at].to(dtype)
+            elif self.linear:
+                uc = self._head_logits(batch.h[sl], deltas, dtype)
+            else:
+                with torch.enable_grad():
+                    uc, rc = torch.func.vmap(change, in_dims=(0, None))(batch.h[sl], tuple(deltas))
+            stats = kernels.call(
+                _change_stats, zc.numel(), zc, uc, rc, batch.actions[sl],
+                t.scale, t.softcap, t.temperature,
+            )  # fmt: skip
+            m.merge(*stats, index=sl)
         ones = torch.ones(batch.n, dtype=dtype, device=device)
         terms = candidate_terms(ones, batch.adv, m.vu, m.ufu, m.vr, fisher or self.fisher)
         out = [torch.zeros(B * T, dtype=dtype, device=device) for _ in range(3)]
@@ -892,6 +892,42 @@ def _block_stats(
         r = None if d2 is None else d2 * u.square()
         u = u * d1
     v = hot - probs
+    vu = (v * u).sum(1)
+    vr = torch.zeros_like(vu) if r is None else (v * r).sum(1)
+    w = probs.sum(1)
+    mean = (probs * u).sum(1) / torch.where(w > 0, w, torch.ones_like(w))
+    m2 = (probs * (u - mean.unsqueeze(1)).square()).sum(1)
+    return vu, vr, w, mean, m2
+
+
+def _change_stats(
+    z: Tensor,
+    u: Tensor,
+    r: Tensor | None,
+    action: Tensor,
+    scale: float,
+    softcap: float | None,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Moments of a given raw-logit change, elementwise (fusable like :func:`_block_stats`).
+
+    ``z [n, V]`` raw logits, ``u [n, V]`` their first and ``r [n, V]`` (or None) their second
+    directional derivative, ``action [n]``; the logit transform φ by its three numbers. The
+    policy's logits φ(z) change by ``φ'u`` at first and ``φ'r + φ''u²`` at second order. Returns
+    ``(v·u, v·r, Σπ, mean_π u, Σπ(u − mean)²)`` per token for the policy's logits.
+    """
+    transform = LogitTransform(scale, softcap, temperature)
+    y = transform(z)
+    probs = torch.exp(y - torch.logsumexp(y, 1, keepdim=True))
+    d1, d2 = transform.derivatives(z)
+    if r is not None:
+        r = r * d1
+    if d2 is not None:
+        r = d2 * u.square() if r is None else r + d2 * u.square()
+    if not transform.identity:
+        u = u * d1
+    columns = torch.arange(z.shape[1], device=z.device)
+    v = (columns == action.unsqueeze(1)).to(z.dtype) - probs
     vu = (v * u).sum(1)
     vr = torch.zeros_like(vu) if r is None else (v * r).sum(1)
     w = probs.sum(1)
