@@ -892,12 +892,7 @@ def _block_stats(
         r = None if d2 is None else d2 * u.square()
         u = u * d1
     v = hot - probs
-    vu = (v * u).sum(1)
-    vr = torch.zeros_like(vu) if r is None else (v * r).sum(1)
-    w = probs.sum(1)
-    mean = (probs * u).sum(1) / torch.where(w > 0, w, torch.ones_like(w))
-    m2 = (probs * (u - mean.unsqueeze(1)).square()).sum(1)
-    return vu, vr, w, mean, m2
+    return _row_moments(v, u, r, probs)
 
 
 def _change_stats(
@@ -928,6 +923,14 @@ def _change_stats(
         u = u * d1
     columns = torch.arange(z.shape[1], device=z.device)
     v = (columns == action.unsqueeze(1)).to(z.dtype) - probs
+    return _row_moments(v, u, r, probs)
+
+
+def _row_moments(
+    v: Tensor, u: Tensor, r: Tensor | None, probs: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(v·u, v·r, Σπ, mean_π u, Σπ(u − mean)²)`` per token of ``[n, R]`` rows, elementwise and
+    row sums only (so that ``torch.compile`` fuses it into its caller)."""
     vu = (v * u).sum(1)
     vr = torch.zeros_like(vu) if r is None else (v * r).sum(1)
     w = probs.sum(1)
