@@ -441,17 +441,21 @@ class CurvatureTracker:
         m = LogitMoments(batch.n, dtype, device)
         # token chunks: no [n, V] temporary beyond the chunk's, and one fused pass per chunk
         for sl in _chunks(batch.n, max(1, CHUNK_ELEMENTS // batch.vocab)):
-            zc = self._logits(batch, sl)
             rc = None
             if self.whole:
+                # prepare() has checked these logits finite: no second pass over them
                 at = (batch.seq[sl], batch.positions[sl] % T)
-                uc = u[at].to(dtype)
+                zc, uc = z[at].to(dtype), u[at].to(dtype)
                 rc = None if r is None else r[at].to(dtype)
-            elif self.linear:
-                uc = self._head_logits(batch.h[sl], deltas, dtype)
             else:
-                with torch.enable_grad():
-                    uc, rc = torch.func.vmap(change, in_dims=(0, None))(batch.h[sl], tuple(deltas))
+                zc = self._logits(batch, sl)
+                if self.linear:
+                    uc = self._head_logits(batch.h[sl], deltas, dtype)
+                else:
+                    with torch.enable_grad():
+                        uc, rc = torch.func.vmap(change, in_dims=(0, None))(
+                            batch.h[sl], tuple(deltas)
+                        )
             stats = kernels.call(
                 _change_stats, zc.numel(), zc, uc, rc, batch.actions[sl],
                 t.scale, t.softcap, t.temperature,
