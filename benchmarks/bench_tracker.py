@@ -23,6 +23,7 @@ The tracker is given the logits, as a training loop has them. Usage::
     python benchmarks/bench_tracker.py --json benchmarks/results/tracker.json \
         --plot docs/img/performance.png
     python benchmarks/bench_tracker.py --profile --tokens 1024   # where frozen_full's time goes
+    python benchmarks/bench_tracker.py --step-model-parts        # where step_model's time goes
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 import curvopt
+from curvopt import wholemodel
 
 V, H, K, T = 151_936, 896, 50, 64
 SEED = 0
@@ -177,8 +180,9 @@ def memory_in_subprocess(name: str, n_tokens: int, device: torch.device) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def grpo_step_times(n_tokens: int, layers: int, device: torch.device, repeats: int) -> dict:
-    """Median time of one GRPO step of a Qwen2 model with this head, without and with CAPO."""
+def qwen(layers: int, device: torch.device) -> torch.nn.Module:
+    """A Qwen2.5-0.5B-shaped transformers model with ``layers`` layers and this head (eager
+    attention: forward-mode AD needs it)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(SEED)
@@ -187,7 +191,12 @@ def grpo_step_times(n_tokens: int, layers: int, device: torch.device, repeats: i
         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=False,
         max_position_embeddings=512, attn_implementation="eager",
     )  # fmt: skip
-    model = Qwen2ForCausalLM(config).to(device)
+    return Qwen2ForCausalLM(config).to(device)
+
+
+def grpo_step_times(n_tokens: int, layers: int, device: torch.device, repeats: int) -> dict:
+    """Median time of one GRPO step of a Qwen2 model with this head, without and with CAPO."""
+    model = qwen(layers, device)
     B, P = n_tokens // T, 8
     ids = torch.randint(0, V, (B, P + T), device=device)
     advantages = torch.randn(B, device=device)
@@ -252,6 +261,57 @@ def grpo_step_times(n_tokens: int, layers: int, device: torch.device, repeats: i
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def step_model_parts(n_tokens: int, layers: int, device: torch.device, repeats: int) -> dict:
+    """Median times of the whole-model step model's parts, beside the model's forward: forming
+    Δθ, the forward-mode pass (with the head fed a strided slice, as ``logits_to_keep`` does, and
+    with the logits of every position sliced after the head), and the whole ``step_model``; and
+    the head alone: its product, three such products, and ``jvp`` of its ``F.linear``."""
+    model = qwen(layers, device)
+    B, P = n_tokens // T, 8
+    ids = torch.randint(0, V, (B, P + T), device=device)
+    advantages = torch.randn(B, device=device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    for p in model.parameters():  # a state, then a gradient to step on
+        p.grad = torch.randn_like(p) * 1e-4
+    opt.step()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-4
+    tracker = curvopt.CurvatureTracker(model.lm_head, opt, params="all", model=model)
+
+    def kept(m: torch.nn.Module) -> torch.Tensor:
+        return m(ids, logits_to_keep=T + 1).logits[:, :-1]
+
+    def every(m: torch.nn.Module) -> torch.Tensor:
+        return m(ids).logits[:, P - 1 : -1]
+
+    def planned() -> list[torch.Tensor]:
+        return wholemodel.planned_update(
+            tracker._steps(torch.float32, frozen=False), tracker.params, opt
+        )
+
+    deltas = planned()
+
+    def tangent(forward) -> Callable[[], object]:
+        return lambda: wholemodel.step_logit_change(
+            model, tracker.names, tracker.params, deltas, forward
+        )
+
+    W, dW = model.lm_head.weight.detach(), deltas[tracker.names.index("lm_head.weight")]
+    h, dh = (torch.randn(B, T, H, device=device) for _ in range(2))
+    runs = {
+        "forward": lambda: kept(model),
+        "delta": planned,
+        "jvp_logits_to_keep": tangent(kept),
+        "jvp_every_position": tangent(every),
+        "step_model": lambda: tracker.step_model(ids[:, P:], advantages, mask, forward=kept),
+        "head_product": lambda: F.linear(h, W),
+        "head_three_products": lambda: (F.linear(h, W), F.linear(dh, W), F.linear(h, dW)),
+        "head_jvp": lambda: torch.func.jvp(F.linear, (h, W), (dh, dW)),
+    }
+    return {name: timed(fn, device, repeats) for name, fn in runs.items()}
+
+
 def profile(n_tokens: int, device: torch.device, rows: int = 12) -> str:
     """``torch.profiler`` tables of the floor and of the full-vocabulary frozen-Adam model (after
     a warm-up call each): where the time of ``frozen_full`` goes beside ``logits_forward``."""
@@ -305,11 +365,27 @@ def main() -> None:
         "--profile", action="store_true",
         help="print torch.profiler tables of logits_forward and frozen_full at the first N, only",
     )  # fmt: skip
+    parser.add_argument(
+        "--step-model-parts", action="store_true",
+        help="time the parts of the whole-model step model at the first N (--layers), only",
+    )  # fmt: skip
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.profile:
         print(profile((args.tokens or [1024])[0], device))
+        return
+    if args.step_model_parts:
+        n = (args.tokens or [1024])[0]
+        parts = step_model_parts(n, args.layers, device, args.repeats or 3)
+        print(f"N = {n:,}, {args.layers} layers, {machine(device)}")
+        for name, t in parts.items():
+            print(f"{name:<22}{t:>10.3f} s{t / parts['forward']:>8.2f}× forward")
+        if args.json:
+            record = {"machine": machine(device), "N": n, "layers": args.layers, "time_s": parts}
+            record["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
+            with open(args.json, "w") as f:
+                json.dump(record, f, indent=2)
         return
     if args._memory:
         print(peak_extra_memory(args._memory, args.tokens[0], device))
