@@ -180,9 +180,12 @@ def memory_in_subprocess(name: str, n_tokens: int, device: torch.device) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def qwen(layers: int, device: torch.device) -> torch.nn.Module:
+def qwen(
+    n_tokens: int, layers: int, device: torch.device
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Qwen2.5-0.5B-shaped transformers model with ``layers`` layers and this head (eager
-    attention: forward-mode AD needs it)."""
+    attention: forward-mode AD needs it), and a batch for it: ids ``[B, 8 + T]`` (8 prompt
+    tokens), advantages ``[B]`` and a completion mask ``[B, T]``, ``B·T = n_tokens``."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(SEED)
@@ -191,16 +194,18 @@ def qwen(layers: int, device: torch.device) -> torch.nn.Module:
         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=False,
         max_position_embeddings=512, attn_implementation="eager",
     )  # fmt: skip
-    return Qwen2ForCausalLM(config).to(device)
+    model = Qwen2ForCausalLM(config).to(device)
+    B = n_tokens // T
+    ids = torch.randint(0, V, (B, 8 + T), device=device)
+    advantages = torch.randn(B, device=device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    return model, ids, advantages, mask
 
 
 def grpo_step_times(n_tokens: int, layers: int, device: torch.device, repeats: int) -> dict:
     """Median time of one GRPO step of a Qwen2 model with this head, without and with CAPO."""
-    model = qwen(layers, device)
-    B, P = n_tokens // T, 8
-    ids = torch.randint(0, V, (B, P + T), device=device)
-    advantages = torch.randn(B, device=device)
-    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    model, ids, advantages, mask = qwen(n_tokens, layers, device)
+    P = ids.shape[1] - T
     plain = torch.optim.AdamW(model.parameters(), lr=1e-6)
     capo = curvopt.CAPO(torch.optim.AdamW(model.parameters(), lr=1e-6), head=model.lm_head)
 
@@ -266,11 +271,8 @@ def step_model_parts(n_tokens: int, layers: int, device: torch.device, repeats: 
     Δθ, the forward-mode pass (with the head fed a strided slice, as ``logits_to_keep`` does, and
     with the logits of every position sliced after the head), and the whole ``step_model``; and
     the head alone: its product, three such products, and ``jvp`` of its ``F.linear``."""
-    model = qwen(layers, device)
-    B, P = n_tokens // T, 8
-    ids = torch.randint(0, V, (B, P + T), device=device)
-    advantages = torch.randn(B, device=device)
-    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    model, ids, advantages, mask = qwen(n_tokens, layers, device)
+    B, P = ids.shape[0], ids.shape[1] - T
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     for p in model.parameters():  # a state, then a gradient to step on
         p.grad = torch.randn_like(p) * 1e-4
