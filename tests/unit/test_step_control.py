@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from helpers import TinyPolicy, make_batch, policy_loss
-from test_wholemodel import TinyLM
+from models import TinyLM
 
 from curvopt import CAPO
 

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from grpo_loss import completion_mask, group_advantages, policy_loss, token_logps
 from hypothesis import given
 from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from grpo_loss import completion_mask, group_advantages, policy_loss, token_logps
 
 
 def test_advantages_by_hand():

@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from models import TinyLM
 from oracle import oracle_model
 from problems import make_optimizer, optimizer_configs
-from torch import nn
 
 from curvopt import CurvatureTracker
 from curvopt.wholemodel import planned_update, step_logit_change
@@ -18,18 +18,6 @@ from curvopt.wholemodel import planned_update, step_logit_change
 F64 = torch.float64
 TOL = dict(rtol=1e-8, atol=1e-10)
 LEVELS = st.sampled_from(["token", "sequence", "batch"])
-
-
-class TinyLM(nn.Module):
-    """inputs [B, T, D] → two tanh layers → a linear head: a stand-in for a causal LM."""
-
-    def __init__(self, D: int = 3, H: int = 4, V: int = 5) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, H), nn.Tanh())
-        self.lm_head = nn.Linear(H, V)
-
-    def forward(self, x):
-        return self.lm_head(self.body(x))
 
 
 def warm(model, optimizer, steps, gen):

@@ -3,7 +3,6 @@ the CAPO settings on the command line; the example's smoke run."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
@@ -18,6 +17,7 @@ from torch import Tensor
 
 pytest.importorskip("trl")
 
+import trl_capo as example
 from transformers import HfArgumentParser, PretrainedConfig, Qwen2ForCausalLM
 from trl import GRPOTrainer
 
@@ -29,22 +29,11 @@ from curvopt.integrations.trl import (
     logit_transform,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 TEMPERATURE = 0.7
 LR = 1e-3
 B, P, T = 4, 3, 6
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("trl_capo", ROOT / "examples" / "trl_capo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["trl_capo"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-example = _load_example()
 
 
 @pytest.fixture(scope="module")

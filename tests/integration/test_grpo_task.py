@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import json
 import random
-import sys
-from pathlib import Path
 
+import arith
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import arith
 
 digits = st.integers(1, 4)
 

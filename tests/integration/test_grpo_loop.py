@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-
-import pytest
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import arith
 import grpo
 import policy
+import pytest
+import torch
 
 TINY = [
     "--seeds", "0",

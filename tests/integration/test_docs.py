@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-DOCS = sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md"))
+DOCS = sorted((Path(__file__).resolve().parents[2] / "docs").glob("*.md"))
 
 
 @pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])

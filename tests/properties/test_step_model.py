@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_wholemodel import TinyLM
+from models import TinyLM
 from torch import nn
 from torch.func import functional_call, jvp
 
