@@ -1,0 +1,184 @@
+"""A step that can be tried at several scales before it is taken, or not taken at all.
+
+The trust region evaluates the policy at ``θ0 + s·Δθ`` for a few scales ``s``, then takes the
+step at one of them or abandons it. Two ways to get there:
+
+- :class:`PlannedStep`, for optimizers whose update curvopt computes exactly from their state and
+  the gradients (``torch.optim.SGD``, ``Adam``, ``AdamW``): ``Δθ`` is formed without stepping, the
+  trial points are written into the parameters, and :meth:`~Transaction.commit` puts ``θ0`` back
+  and lets the optimizer step with every learning rate × ``s`` — bit for bit the bare optimizer's
+  step at that learning rate. Nothing is stepped until then, so abandoning costs nothing. Memory:
+  a copy of the parameters.
+- :class:`TakenStep`, for any other optimizer: it steps first, at full learning rate, with a copy
+  of the parameters and of the optimizer's state kept aside; ``Δθ = θ1 − θ0`` and the step at
+  scale ``s`` is ``θ0 + s·Δθ`` with the optimizer's state of the full step. For optimizers whose
+  update is linear in the learning rate (SGD, Adam(W), Adamax, NAdam, RAdam, RMSprop, Adadelta,
+  Adagrad without ``lr_decay``) that is their step at learning rate × ``s``; for others (Rprop,
+  ASGD, LBFGS, Adafactor with relative steps, Adagrad with ``lr_decay``) it is the full step
+  shrunk towards ``θ0``. Abandoning restores both copies exactly. Memory: a copy of the
+  parameters and one of the optimizer's state.
+
+Sharded parameters (``DTensor``: FSDP2, tensor parallelism) are handled through their local
+shards; every operation here is elementwise, so no communication is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..directions import SUPPORTED_OPTIMIZERS, optimizer_steps, unwrap_optimizer
+from ..wholemodel import planned_update
+
+__all__ = ["PlannedStep", "TakenStep", "Transaction", "begin", "can_plan"]
+
+TakeStep = Callable[[float], Any]
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a ``DTensor`` (the tensor itself otherwise)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _sharded(t: Tensor) -> bool:
+    return callable(getattr(t, "to_local", None))
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Every parameter of ``optimizer``'s param groups, once each, in order."""
+    seen, out = set(), []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def can_plan(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether curvopt computes ``optimizer``'s next update exactly without stepping it."""
+    base = unwrap_optimizer(optimizer)
+    if type(base) not in SUPPORTED_OPTIMIZERS:
+        return False
+    return not any(_sharded(p) for p in optimizer_params(base))
+
+
+class Transaction(ABC):
+    """A step under trial: :meth:`move` to scales, then :meth:`commit` one or :meth:`abort`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.params = optimizer_params(unwrap_optimizer(optimizer))
+        with torch.no_grad():
+            self._start = [_local(p).detach().clone() for p in self.params]
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self.scale = 0.0
+
+    def original(self, t: Tensor) -> Tensor:
+        """``θ0`` of a parameter of the optimizer (``t`` itself for any other tensor)."""
+        i = self._index.get(id(t))
+        return t if i is None else self._start[i]
+
+    @abstractmethod
+    def _deltas(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """``(local parameter, θ0, Δθ)`` for each parameter; Δθ in the compute dtype."""
+
+    @torch.no_grad()
+    def move(self, scale: float) -> None:
+        """Write ``θ0 + scale·Δθ`` into the parameters."""
+        for local, start, delta in self._deltas():
+            local.copy_(torch.add(start.to(delta.dtype), delta, alpha=scale))
+        self.scale = scale
+
+    @abstractmethod
+    def commit(self, scale: float) -> None:
+        """Finish the step at ``scale``."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Leave the parameters and the optimizer's state as they were before the step."""
+
+    @torch.no_grad()
+    def _restore_params(self) -> None:
+        for p, start in zip(self.params, self._start):
+            _local(p).copy_(start)
+
+
+class PlannedStep(Transaction):
+    """The update formed from the optimizer's state without stepping it (see the module)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, take_step: TakeStep) -> None:
+        super().__init__(optimizer)
+        self.optimizer = unwrap_optimizer(optimizer)
+        self.take_step = take_step
+
+    def _deltas(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for p, start in zip(self.params, self._start):
+            if p.grad is None:  # torch optimizers leave a parameter without gradient alone
+                continue
+            dtype = _compute_dtype(p)
+            # the step model reads the parameter (weight decay): put θ0 back before forming Δθ
+            p.detach().copy_(start)
+            steps = optimizer_steps(self.optimizer, [p], frozen=False, dtype=dtype)
+            (delta,) = planned_update(steps, [p], self.optimizer)
+            yield p.detach(), start, delta
+
+    def commit(self, scale: float) -> None:
+        self._restore_params()
+        self.take_step(scale)
+
+    def abort(self) -> None:
+        self._restore_params()
+
+
+class TakenStep(Transaction):
+    """The optimizer stepped at full learning rate, with its prior state kept (see the module)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, take_step: TakeStep) -> None:
+        super().__init__(optimizer)
+        base = unwrap_optimizer(optimizer)
+        self.state = base.state
+        self._saved = {p: copy.deepcopy(dict(s)) for p, s in base.state.items()}
+        take_step(1.0)
+        self.scale = 1.0
+
+    def _deltas(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for p, start in zip(self.params, self._start):
+            local = _local(p)
+            dtype = _compute_dtype(p)
+            # the parameters hold θ0 + scale·Δθ: Δθ from them (exact at scale 1, within
+            # rounding after)
+            delta = (local.detach().to(dtype) - start.to(dtype)).div_(self.scale)
+            yield local, start, delta
+
+    def move(self, scale: float) -> None:
+        if scale != self.scale:
+            super().move(scale)
+
+    def commit(self, scale: float) -> None:
+        self.move(scale)
+
+    @torch.no_grad()
+    def abort(self) -> None:
+        self._restore_params()
+        for p in list(self.state):
+            if p not in self._saved:
+                del self.state[p]
+        for p, saved in self._saved.items():
+            self.state[p] = saved
+
+
+def begin(optimizer: torch.optim.Optimizer, take_step: TakeStep) -> Transaction:
+    """The transaction that fits ``optimizer``: planned where curvopt can, taken otherwise."""
+    if can_plan(optimizer):
+        return PlannedStep(optimizer, take_step)
+    return TakenStep(optimizer, take_step)
