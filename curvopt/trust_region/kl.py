@@ -24,14 +24,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import kernels as fusion
 from ..logits import LogitTransform
 
 __all__ = ["HeadInput", "PolicyOutput", "policy_kl"]
 
 # Elements of the largest [tokens, vocabulary] block formed at once (2**22 float32 ≈ 16 MiB).
 BLOCK_ELEMENTS = 1 << 22
-# Tokens with |E_π0[a]| above this are measured again about their mean change.
-RECENTRE = 0.05
+# Tokens per head product when the logits are formed from a head's input states.
+HEAD_TOKENS = 512
+# Tokens with |E_π0[a]| above this are measured again about their mean change (below it the
+# float32 sums lose at most ~1e-7·e² of the KL).
+RECENTRE = 0.5
 # Above this logit change a block is formed in float64 (e^a would overflow float32 near 88).
 _WIDE = 50.0
 
@@ -94,6 +98,28 @@ def _excess(a: Tensor) -> Tensor:
     return torch.where(a.abs() < 1e-2, small, torch.expm1(a) - a)
 
 
+def block_sums(
+    z0: Tensor,
+    z1: Tensor,
+    ref: Tensor,
+    scale: float,
+    softcap: float | None,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One block's per-token ``(max y0, Σw, Σw·a, Σw·(e^a − 1 − a), max |a|)`` with
+    ``w = e^{y0 − max y0}``, from raw logits ``z0, z1 [n, R]`` and reference changes ``ref [n]``.
+
+    Plain tensors and numbers, elementwise and row reductions only: ``torch.compile`` fuses it
+    into one pass over the block.
+    """
+    transform = LogitTransform(scale, softcap, temperature)
+    y0 = transform(z0)
+    a = transform.difference(z0, z1 - z0) - ref.unsqueeze(1)
+    top = y0.max(1).values
+    w = torch.exp(y0 - top.unsqueeze(1))
+    return top, w.sum(1), (w * a).sum(1), (w * _excess(a)).sum(1), a.abs().max(1).values
+
+
 class _Moments:
     """Per-token float64 sums over vocabulary blocks, normalised online: the running maximum
     ``M`` of ``y0`` and ``Σ e^{y0−M}``, ``Σ e^{y0−M}·a``, ``Σ e^{y0−M}·(e^a − 1 − a)``."""
@@ -105,15 +131,19 @@ class _Moments:
         self.first = torch.zeros(n, dtype=f64, device=device)
         self.excess = torch.zeros(n, dtype=f64, device=device)
 
-    def add(self, y0: Tensor, a: Tensor) -> None:
-        if y0.dtype != torch.float64 and bool((a.abs() > _WIDE).any()):
-            y0, a = y0.double(), a.double()
-        top = torch.maximum(self.top, y0.max(1).values.to(torch.float64))
-        w = torch.exp(y0 - top.to(y0.dtype).unsqueeze(1))
+    def add(self, z0: Tensor, z1: Tensor, ref: Tensor, transform: LogitTransform) -> None:
+        """Add a block of raw logits ``[n, R]`` (compute dtype) with reference changes ``ref``."""
+        t = transform
+        args = (t.scale, t.softcap, t.temperature)
+        sums = fusion.call(block_sums, z0.numel(), z0, z1, ref.to(z0.dtype), *args)
+        if z0.dtype != torch.float64 and float(sums[4].max()) > _WIDE:
+            # e^a would overflow float32: this block again in float64
+            sums = block_sums(z0.double(), z1.double(), ref, *args)
+        top = torch.maximum(self.top, sums[0].to(torch.float64))
+        block = torch.exp(sums[0].to(torch.float64) - top)
         rescale = torch.exp(self.top - top)
-        sums = [w.sum(1), (w * a).sum(1), (w * _excess(a)).sum(1)]
-        for name, s in zip(("mass", "first", "excess"), sums):
-            setattr(self, name, getattr(self, name) * rescale + s.to(torch.float64))
+        for name, s in zip(("mass", "first", "excess"), sums[1:4]):
+            setattr(self, name, getattr(self, name) * rescale + s.to(torch.float64) * block)
         self.top = top
 
     @property
@@ -141,11 +171,10 @@ def _moments(
 ) -> _Moments:
     """One pass over the vocabulary for tokens ``at`` with reference changes ``ref [n]``."""
     moments = _Moments(ref.numel(), ref.device)
-    ref = ref.to(dtype).unsqueeze(1)
     for c0 in range(0, vocab_size(before), width):
         c1 = min(c0 + width, vocab_size(before))
         z0, z1 = _block(before, at, c0, c1, dtype), _block(after, at, c0, c1, dtype)
-        moments.add(transform(z0), transform.difference(z0, z1 - z0) - ref)
+        moments.add(z0, z1, ref, transform)
     return moments
 
 
@@ -172,7 +201,11 @@ def policy_kl(
     n, vocab = rows[0].numel(), vocab_size(before)
     dtype, device = _dtype(before, after), mask.device
     out = torch.empty(n, dtype=torch.float64, device=device)
-    width = min(vocab, max(1, block_elements))
+    if isinstance(before, HeadInput) or isinstance(after, HeadInput):
+        # products of HEAD_TOKENS tokens by a vocabulary block: large enough to be efficient
+        width = min(vocab, max(1, block_elements // HEAD_TOKENS))
+    else:  # the logits exist already: whole rows
+        width = vocab
     per_chunk = max(1, block_elements // width)
     for t0 in range(0, n, per_chunk):
         sl = slice(t0, min(t0 + per_chunk, n))
