@@ -412,31 +412,17 @@ class CAPO(torch.optim.Optimizer):
             )
         return int(count.item())
 
-    def _model(self) -> nn.Module:
-        model = self.tracker.model
-        assert model is not None  # whole-model tracking needs it
-        return model
-
     @torch.no_grad()
     def _snapshot(self, batches: list[Inputs]) -> list[Tensor]:
-        """What the realised shift is measured against: the head's parameters, or with
-        whole-model tracking each micro-batch's logits before the step."""
-        if not self.tracker.whole:
-            return [p.detach().clone() for p in self.tracker.params]
-        return [_forward(b)(self._model()).detach() for b in batches]
+        """What the realised shift is measured against (see :meth:`Head.snapshot`)."""
+        return self.tracker.backend.snapshot(batches)
 
     @torch.no_grad()
     def _measure(self, batches: list[Inputs], before: list[Tensor]) -> dict[str, float]:
         """Mean exact KL of the step on the kept tokens, and its quadratic model."""
         kls, quads = [], []
         for i, b in enumerate(batches):
-            if self.tracker.whole:
-                z0 = before[i][b.mask]
-                z1 = _forward(b)(self._model()).detach()[b.mask]
-                kl, quad = self.tracker.kl_of_change(z0, z1.to(z0.dtype) - z0)
-            else:
-                assert b.hidden is not None
-                kl, quad = self.tracker.realised_shift(b.hidden[b.mask], before)
+            kl, quad = self.tracker.backend.measure(b, i, before)
             kls.append(kl.sum())
             quads.append(quad.sum())
         n = sum(float(b.mask.sum()) for b in batches)
@@ -474,11 +460,6 @@ class CAPO(torch.optim.Optimizer):
         if own is not None:
             self._counters.update(own["counters"])
             self.tracker.load_state_dict(own["tracker"])
-
-
-def _forward(inputs: Inputs) -> Forward:
-    assert inputs.forward is not None  # whole-model tracking: select() checked it
-    return inputs.forward
 
 
 def _at_step_boundary(optimizer: torch.optim.Optimizer) -> bool:

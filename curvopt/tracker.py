@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .heads.base import Head, kl_of_change, step_moments
+from .heads.base import Head, compute_dtype, kl_of_change, step_moments
 from .heads.functional import FunctionalHead
 from .heads.linear import LinearHead
 from .heads.whole import WholeModel, resolve_params
@@ -378,11 +378,7 @@ class CurvatureTracker:
     # ------------------------------------------------------------------ internals
 
     def _dtype(self, hidden: Tensor | None) -> torch.dtype:
-        if hidden is not None and hidden.dtype == torch.float64:
-            return torch.float64
-        if any(p.dtype == torch.float64 for p in self.params):
-            return torch.float64
-        return torch.float32
+        return compute_dtype(hidden, self.params)
 
     def _steps(self, dtype: torch.dtype, *, frozen: bool) -> list[UpdateRule]:
         """The update rules of the tracked parameters (exact, or frozen for token candidates)."""

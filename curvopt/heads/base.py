@@ -33,6 +33,7 @@ __all__ = [
     "StepChange",
     "change_stats",
     "chunks",
+    "compute_dtype",
     "jvp",
     "kl_of_change",
     "step_moments",
@@ -52,6 +53,16 @@ def jvp(fn: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, .
     """``torch.func.jvp(fn, primals, tangents)``: ``(fn(*primals), its derivative along
     tangents)``, each shaped as ``fn``'s output."""
     return torch.func.jvp(fn, primals, tangents)
+
+
+def compute_dtype(hidden: Tensor | None, params: Sequence[Tensor]) -> torch.dtype:
+    """float32, or float64 if the hidden states or a tracked parameter are float64: curvature is
+    computed in float32 or higher whatever the parameters' dtype."""
+    if hidden is not None and hidden.dtype == torch.float64:
+        return torch.float64
+    if any(p.dtype == torch.float64 for p in params):
+        return torch.float64
+    return torch.float32
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:
@@ -123,6 +134,17 @@ class Head(ABC):
         """``(kl, quadratic)`` ``[n]`` of an actual update of the parameters (see
         :meth:`curvopt.CurvatureTracker.realised_shift`)."""
         raise ValueError("params: with whole-model tracking measure with kl_of_change")
+
+    @abstractmethod
+    def snapshot(self, batches: Sequence[Inputs]) -> list[Tensor]:
+        """Before a step: what its realised shift on ``batches`` is measured against."""
+
+    @abstractmethod
+    def measure(
+        self, inputs: Inputs, index: int, before: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """After the step: ``(kl, quadratic)`` of the realised shift on the tokens of ``inputs``'s
+        mask, the ``index``-th of the batches given to :meth:`snapshot` (which gave ``before``)."""
 
 
 class OutputLayer(Head):
@@ -209,6 +231,17 @@ class OutputLayer(Head):
             return self.logits(batch, sl), *change(batch.h[sl])
 
         return StepChange(None, chunk)
+
+    def snapshot(self, batches: Sequence[Inputs]) -> list[Tensor]:
+        """The head's parameters."""
+        return [p.detach().clone() for p in self.params]
+
+    def measure(
+        self, inputs: Inputs, index: int, before: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        assert inputs.hidden is not None
+        hidden = inputs.hidden[inputs.mask]
+        return self.realised_shift(hidden, before, compute_dtype(hidden, self.params))
 
     def realised_change(
         self, h: Tensor, before: Sequence[Tensor], after: Sequence[Tensor], dtype: torch.dtype

@@ -33,7 +33,7 @@ from ..inputs import Batch, Forward, Inputs
 from ..optimizers.rules import UpdateRule
 from ..policy import LogitTransform
 from ..quadratic import LogitMoments, Moments, action_residual
-from .base import Candidate, Change, Group, Head, StepChange, jvp
+from .base import Candidate, Change, Group, Head, StepChange, jvp, kl_of_change
 
 __all__ = ["CANDIDATES_PER_VMAP", "WholeModel", "resolve_params", "step_logit_change"]
 
@@ -186,6 +186,17 @@ class WholeModel(Head):
             )
 
         return StepChange(z, chunk)
+
+    def snapshot(self, batches: Sequence[Inputs]) -> list[Tensor]:
+        """Each batch's logits."""
+        return [self._forward(b)(self.model).detach() for b in batches]
+
+    def measure(
+        self, inputs: Inputs, index: int, before: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        z0 = before[index][inputs.mask]
+        z1 = self._forward(inputs)(self.model).detach()[inputs.mask]
+        return kl_of_change(self.transform, z0, z1.to(z0.dtype) - z0)
 
     def token_moments(self, batch: Batch, tokens: Tensor, rules: list[UpdateRule]) -> Moments:
         ones = torch.ones_like(batch.adv[tokens])
