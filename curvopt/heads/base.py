@@ -186,6 +186,26 @@ class OutputLayer(Head):
             return logits.shape[-1]
         return self.head_logits(h[:1], self.params, h.dtype).shape[-1]
 
+    @abstractmethod
+    def subset(
+        self,
+        batch: Batch,
+        tokens: Tensor,
+        weights: Tensor,
+        rules: list[UpdateRule],
+        group: Group,
+    ) -> Moments:
+        """The moments of one candidate made of ``tokens`` with ``weights``."""
+
+    def subset_moments(
+        self,
+        batch: Batch,
+        candidates: Sequence[Candidate],
+        rules: list[UpdateRule],
+        group: Group,
+    ) -> list[Moments]:
+        return [self.subset(batch, tokens, w, rules, group) for tokens, w in candidates]
+
     def check(self, batch: Batch) -> None:
         """With ``top_k``, each token's K largest logits and their rows."""
         if self.top_k is None or not batch.n:

@@ -21,7 +21,7 @@ from ..inputs import Batch
 from ..optimizers.rules import UpdateRule
 from ..policy import LogitTransform
 from ..quadratic import LogitMoments, Moments
-from .base import Candidate, Group, OutputLayer, jvp
+from .base import Group, OutputLayer, jvp
 
 __all__ = ["TOKENS_PER_VMAP", "FunctionalHead", "head_logits"]
 
@@ -130,16 +130,7 @@ class FunctionalHead(OutputLayer):
             out[0][sl], out[1][sl], out[2][sl] = m.vu, m.ufu, m.vr
         return Moments(*out)
 
-    def subset_moments(
-        self,
-        batch: Batch,
-        candidates: Sequence[Candidate],
-        rules: list[UpdateRule],
-        group: Group,
-    ) -> list[Moments]:
-        return [self._subset(batch, tokens, w, rules, group) for tokens, w in candidates]
-
-    def _subset(
+    def subset(
         self,
         batch: Batch,
         tokens: Tensor,

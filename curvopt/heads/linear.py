@@ -21,7 +21,7 @@ from ..inputs import Batch
 from ..optimizers.rules import Rows, UpdateRule
 from ..policy import LogitTransform
 from ..quadratic import LogitMoments, Moments, action_residual
-from .base import CHUNK_ELEMENTS, Candidate, Group, OutputLayer, chunks
+from .base import CHUNK_ELEMENTS, Group, OutputLayer, chunks
 from .blocks import bias_terms, block_stats, block_stats_eager, weight_terms
 from .rank_one import token_logit_change
 
@@ -196,16 +196,7 @@ class LinearHead(OutputLayer):
 
     # ------------------------------------------------------------------ subset candidates
 
-    def subset_moments(
-        self,
-        batch: Batch,
-        candidates: Sequence[Candidate],
-        rules: list[UpdateRule],
-        group: Group,
-    ) -> list[Moments]:
-        return [self._subset(batch, tokens, w, rules, group) for tokens, w in candidates]
-
-    def _subset(
+    def subset(
         self,
         batch: Batch,
         tokens: Tensor,
