@@ -11,8 +11,12 @@ from curvopt import CurvatureTracker, fusion
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(direction="frozen"), dict(direction="shadow"), dict(direction="exact", top_k=5)],
-    ids=["frozen", "shadow", "exact-topk"],
+    [
+        pytest.param(dict(direction="frozen"), id="frozen"),
+        # the frozen kernels again, over the shadow moments: slow
+        pytest.param(dict(direction="shadow"), id="shadow", marks=pytest.mark.slow),
+        pytest.param(dict(direction="exact", top_k=5), id="exact-topk"),
+    ],
 )
 def test_compiled_blocks_equal_eager_blocks(kw, monkeypatch):
     torch.manual_seed(0)
