@@ -128,12 +128,12 @@ class Head(ABC):
         """The logit change along ``deltas``, the update about to be taken; ``curvature`` asks
         for its second directional derivative where it is not zero."""
 
+    @abstractmethod
     def realised_shift(
         self, hidden: Tensor, before: Sequence[Tensor], dtype: torch.dtype
     ) -> tuple[Tensor, Tensor]:
         """``(kl, quadratic)`` ``[n]`` of an actual update of the parameters (see
         :meth:`curvopt.CurvatureTracker.realised_shift`)."""
-        raise ValueError("params: with whole-model tracking measure with kl_of_change")
 
     @abstractmethod
     def snapshot(self, batches: Sequence[Inputs]) -> list[Tensor]:

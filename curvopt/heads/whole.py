@@ -187,6 +187,11 @@ class WholeModel(Head):
 
         return StepChange(z, chunk)
 
+    def realised_shift(
+        self, hidden: Tensor, before: Sequence[Tensor], dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        raise ValueError("params: with whole-model tracking measure with kl_of_change")
+
     def snapshot(self, batches: Sequence[Inputs]) -> list[Tensor]:
         """Each batch's logits."""
         return [self._forward(b)(self.model).detach() for b in batches]
