@@ -29,7 +29,16 @@ from .validation import (
     check_top_k,
 )
 
-__all__ = ["DEFAULTS", "CAPOSettings", "Direction", "Rule", "check", "help_text", "options_table"]
+__all__ = [
+    "DEFAULTS",
+    "CAPOSettings",
+    "Direction",
+    "Rule",
+    "check",
+    "help_text",
+    "option_types",
+    "options_table",
+]
 
 Rule = Literal["theorem", "symmetric"]
 Direction = Literal["exact", "frozen", "shadow"]

@@ -32,6 +32,7 @@ from .inputs import Batch, Forward, Inputs
 from .optimizers import (
     SUPPORTED_OPTIMIZERS,
     OptimizerReader,
+    RuleSource,
     ShadowAdam,
     UpdateRule,
     planned_update,
@@ -149,7 +150,7 @@ class CurvatureTracker:
         self.direction: Direction = direction
         self.linear = type(head) is nn.Linear
         self.shadow = ShadowAdam(self.params, base) if direction == "shadow" else None
-        self.source: ShadowAdam | OptimizerReader = (
+        self.source: RuleSource = (
             OptimizerReader(self.params, base) if self.shadow is None else self.shadow
         )
         self.process_group = process_group

@@ -11,13 +11,14 @@ their ``ΔW`` by row blocks and evaluate it on their tokens (two logits-sized pr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import distributed, fusion
 from ..inputs import Batch
+from ..optimizers.readers import RuleSource
 from ..optimizers.rules import Rows, UpdateRule
 from ..policy import LogitTransform
 from ..quadratic import LogitMoments, Moments, action_residual
@@ -29,12 +30,6 @@ __all__ = ["EXACT_ROWS", "LinearHead"]
 
 # Rows per token (besides its action) on which the frozen direction keeps Adam's exact step.
 EXACT_ROWS = 16
-
-
-class RuleSource(Protocol):
-    """Where the update rules come from (the real optimizer's state, or shadow moments)."""
-
-    def rules(self, dtype: torch.dtype, *, frozen: bool) -> list[UpdateRule]: ...
 
 
 class LinearHead(OutputLayer):

@@ -12,6 +12,7 @@
 from .readers import (
     SUPPORTED_OPTIMIZERS,
     OptimizerReader,
+    RuleSource,
     planned_update,
     read_rules,
     unwrap_optimizer,
@@ -26,6 +27,7 @@ __all__ = [
     "FrozenAdamStep",
     "OptimizerReader",
     "Restricted",
+    "RuleSource",
     "ShadowAdam",
     "SignStep",
     "UpdateRule",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -13,6 +13,7 @@ from .rules import AffineStep, UpdateRule, adam_rule
 __all__ = [
     "SUPPORTED_OPTIMIZERS",
     "OptimizerReader",
+    "RuleSource",
     "group_of",
     "planned_update",
     "read_rules",
@@ -126,6 +127,15 @@ def read_rules(
     return [
         read(p, group_of(optimizer, p), optimizer.state.get(p, {}), dtype, frozen) for p in params
     ]
+
+
+class RuleSource(Protocol):
+    """Where the update rules of the tracked parameters come from: the real optimizer's state
+    (:class:`OptimizerReader`) or curvopt's own moments (:class:`~.shadow.ShadowAdam`)."""
+
+    def rules(self, dtype: torch.dtype, *, frozen: bool) -> list[UpdateRule]:
+        """The exact (``frozen=False``) or frozen rules, computing in ``dtype``."""
+        ...
 
 
 class OptimizerReader:
