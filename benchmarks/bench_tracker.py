@@ -289,16 +289,12 @@ def step_model_parts(n_tokens: int, layers: int, device: torch.device, repeats: 
         return m(ids).logits[:, P - 1 : -1]
 
     def planned() -> list[torch.Tensor]:
-        return planned_update(
-            tracker._steps(torch.float32, frozen=False), tracker.params, opt
-        )
+        return planned_update(tracker._steps(torch.float32, frozen=False), tracker.params, opt)
 
     deltas = planned()
 
     def tangent(forward) -> Callable[[], object]:
-        return lambda: step_logit_change(
-            model, tracker.names, tracker.params, deltas, forward
-        )
+        return lambda: step_logit_change(model, tracker.names, tracker.params, deltas, forward)
 
     W, dW = model.lm_head.weight.detach(), deltas[tracker.names.index("lm_head.weight")]
     h, dh = (torch.randn(B, T, H, device=device) for _ in range(2))
