@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 import curvopt
-from curvopt import wholemodel
+from curvopt.heads.whole import step_logit_change
+from curvopt.optimizers import planned_update
 
 V, H, K, T = 151_936, 896, 50, 64
 SEED = 0
@@ -288,16 +289,12 @@ def step_model_parts(n_tokens: int, layers: int, device: torch.device, repeats: 
         return m(ids).logits[:, P - 1 : -1]
 
     def planned() -> list[torch.Tensor]:
-        return wholemodel.planned_update(
-            tracker._steps(torch.float32, frozen=False), tracker.params, opt
-        )
+        return planned_update(tracker._steps(torch.float32, frozen=False), tracker.params, opt)
 
     deltas = planned()
 
     def tangent(forward) -> Callable[[], object]:
-        return lambda: wholemodel.step_logit_change(
-            model, tracker.names, tracker.params, deltas, forward
-        )
+        return lambda: step_logit_change(model, tracker.names, tracker.params, deltas, forward)
 
     W, dW = model.lm_head.weight.detach(), deltas[tracker.names.index("lm_head.weight")]
     h, dh = (torch.randn(B, T, H, device=device) for _ in range(2))

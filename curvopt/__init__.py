@@ -14,4 +14,5 @@ from .rejector import SampleRejector
 from .tracker import CurvatureTracker
 
 __all__ = ["CAPO", "CurvatureTracker", "QuadraticModel", "SampleRejector"]
+# The one version source: pyproject.toml reads it (``dynamic = ["version"]``).
 __version__ = "0.1.0"

@@ -1,36 +1,38 @@
-"""CAPO: the one-line optimizer wrapper."""
+"""CAPO: the one-line optimizer wrapper, its window and its statistics."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .directions import unwrap_optimizer
+from .inputs import Forward, Inputs
+from .optimizers import unwrap_optimizer
 from .quadratic import Fisher, Level, QuadraticModel
-from .rejector import Rule, SampleRejector, Selection
-from .tracker import CurvatureTracker, Direction
-from .wholemodel import Forward
+from .rejector import SampleRejector, Selection
+from .settings import DEFAULTS, CAPOSettings, Direction, Rule
+from .tracker import CurvatureTracker
 
-__all__ = ["CAPO"]
+__all__ = ["CAPO", "LIFETIME_STATS", "STEP_STATS"]
 
-_LIFETIME = ("steps", "skipped_steps")
-
-
-@dataclass
-class _MicroBatch:
-    """What ``step()`` needs of one ``select`` call to model or measure the real update."""
-
-    actions: Tensor
-    advantages: Tensor
-    keep: Tensor
-    hidden: Tensor | None
-    forward: Forward | None
+# Counters kept for the optimizer's lifetime (saved in ``state_dict``).
+LIFETIME_STATS = ("steps", "skipped_steps")
+# What a step reports besides its token and candidate counts, in the order integrations log it:
+# the window's means, then (with track_realised / max_policy_shift / step_reject_frac) the step's.
+STEP_STATS = (
+    "rejected_frac",
+    "objective_shift_mean",
+    "policy_shift_mean",
+    "policy_shift_realised",
+    "policy_shift_step_model",
+    "step_policy_shift",
+    "step_scale",
+    "step_rejected",
+)
 
 
 class CAPO(torch.optim.Optimizer):
@@ -39,7 +41,7 @@ class CAPO(torch.optim.Optimizer):
     Wraps ``optimizer`` (sharing its ``param_groups``, ``state`` and ``defaults``, so schedulers,
     ``GradScaler``, ``zero_grad``, ``add_param_group`` and checkpoints work unchanged) and adds
     :meth:`select`, which masks out the tokens whose update the quadratic model predicts to be
-    unsafe (Melo, Abate, Gal, ICLR 2026)::
+    unsafe (Melo, Abate, Gal, ICLR 2026, https://arxiv.org/abs/2510.00819)::
 
         opt = CAPO(torch.optim.AdamW(model.parameters(), lr=1e-5), head=model.lm_head)
         keep = opt.select(hidden, actions, advantages, mask)   # bool [B, T], keep ⊆ mask
@@ -60,6 +62,13 @@ class CAPO(torch.optim.Optimizer):
                     closure() (gradients of the kept tokens); m ← predicted mean KL again
                 s ← min(1, √(max_policy_shift / m))
             optimizer.step() with every learning rate × s (for this step only)
+
+    The scale is TRPO's maximal step along the update for a KL bound, ``√(2δ / ΔθᵀF̄Δθ)`` with
+    ``m = ½ΔθᵀF̄Δθ`` (Schulman et al., 2015, https://arxiv.org/abs/1502.05477, Appendix C),
+    applied to the step of whatever optimizer is wrapped.
+
+    Every option's type, default, check and help text is declared once in
+    :class:`curvopt.settings.CAPOSettings` (``CAPO`` validates its arguments through it).
 
     Args:
         optimizer: the optimizer to wrap (``torch.optim.SGD/Adam/AdamW`` for directions
@@ -116,8 +125,8 @@ class CAPO(torch.optim.Optimizer):
     - with ``track_realised``, after ``step()``: ``policy_shift_realised``,
       ``policy_shift_step_model`` (means over the kept tokens).
 
-    Lifetime counters, saved in ``state_dict``: ``steps`` (inner steps taken) and
-    ``skipped_steps``.
+    Lifetime counters (:data:`LIFETIME_STATS`), saved in ``state_dict``: ``steps`` (inner steps
+    taken) and ``skipped_steps``. :data:`STEP_STATS` lists the means and step measurements above.
     """
 
     def __init__(
@@ -125,58 +134,54 @@ class CAPO(torch.optim.Optimizer):
         optimizer: torch.optim.Optimizer,
         head: nn.Module,
         *,
-        rule: Rule = "theorem",
-        delta_h: float = 0.0,
-        delta_f: float = 1e-4,
-        levels: Sequence[Level] = ("token",),
-        top_k: int | None = None,
-        fisher: Fisher = "empirical",
-        direction: Direction = "frozen",
-        temperature: float = 1.0,
-        logit_scale: float = 1.0,
-        softcap: float | None = None,
-        track_realised: bool = False,
+        rule: Rule = DEFAULTS.rule,
+        delta_h: float = DEFAULTS.delta_h,
+        delta_f: float = DEFAULTS.delta_f,
+        levels: Sequence[Level] = DEFAULTS.levels,
+        top_k: int | None = DEFAULTS.top_k,
+        fisher: Fisher = DEFAULTS.fisher,
+        direction: Direction = DEFAULTS.direction,
+        temperature: float = DEFAULTS.temperature,
+        logit_scale: float = DEFAULTS.logit_scale,
+        softcap: float | None = DEFAULTS.softcap,
+        track_realised: bool = DEFAULTS.track_realised,
         process_group: torch.distributed.ProcessGroup | None = None,
         params: str | Sequence[nn.Module | nn.Parameter] = "head",
         model: nn.Module | None = None,
-        max_policy_shift: float | None = None,
-        step_reject_frac: float = 0.0,
+        max_policy_shift: float | None = DEFAULTS.max_policy_shift,
+        step_reject_frac: float = DEFAULTS.step_reject_frac,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        if max_policy_shift is not None and (
-            isinstance(max_policy_shift, bool)
-            or not isinstance(max_policy_shift, (int, float))
-            or not (math.isfinite(max_policy_shift) and max_policy_shift > 0)
-        ):
-            raise ValueError(
-                f"max_policy_shift: expected None or a finite number > 0, got {max_policy_shift!r}"
-            )
-        if (
-            isinstance(step_reject_frac, bool)
-            or not isinstance(step_reject_frac, (int, float))
-            or not 0 <= step_reject_frac < 1
-        ):
-            raise ValueError(
-                f"step_reject_frac: expected a number in [0, 1), got {step_reject_frac!r}"
-            )
-        if step_reject_frac > 0 and max_policy_shift is None:
-            raise ValueError(
-                "step_reject_frac: rejects tokens of the step that max_policy_shift would scale; "
-                "set max_policy_shift too"
-            )
-        self.rejector = SampleRejector(rule, delta_h, delta_f, levels)
-        self.tracker = CurvatureTracker(
-            head,
-            optimizer,
+        self.settings = settings = CAPOSettings(
+            rule=rule,
+            delta_h=delta_h,
+            delta_f=delta_f,
+            levels=levels,
             top_k=top_k,
             fisher=fisher,
             direction=direction,
             temperature=temperature,
             logit_scale=logit_scale,
             softcap=softcap,
+            track_realised=track_realised,
+            max_policy_shift=max_policy_shift,
+            step_reject_frac=step_reject_frac,
+        )
+        self.rejector = SampleRejector(
+            settings.rule, settings.delta_h, settings.delta_f, settings.levels
+        )
+        self.tracker = CurvatureTracker(
+            head,
+            optimizer,
+            top_k=settings.top_k,
+            fisher=settings.fisher,
+            direction=settings.direction,
+            temperature=settings.temperature,
+            logit_scale=settings.logit_scale,
+            softcap=settings.softcap,
             process_group=process_group,
             params=params,
             model=model,
@@ -185,13 +190,15 @@ class CAPO(torch.optim.Optimizer):
         super().__init__([dict(g) for g in base.param_groups], base.defaults)
         self.optimizer = optimizer
         self._alias()
-        self.track_realised = bool(track_realised)
-        self.max_policy_shift = None if max_policy_shift is None else float(max_policy_shift)
-        self.step_reject_frac = float(step_reject_frac)
-        self._counters = dict.fromkeys(_LIFETIME, 0)
+        self.track_realised = settings.track_realised
+        self.max_policy_shift = settings.max_policy_shift
+        self.step_reject_frac = settings.step_reject_frac
+        self._counters = dict.fromkeys(LIFETIME_STATS, 0)
         self._window: dict[str, Tensor] | None = None
         self._open = False
-        self._batches: list[_MicroBatch] = []
+        # each select call's inputs, with mask = the tokens it kept (cleared in place by
+        # step_reject_frac)
+        self._batches: list[Inputs] = []
         self._realised: dict[str, float] = {}
 
     def _alias(self) -> None:
@@ -241,18 +248,17 @@ class CAPO(torch.optim.Optimizer):
         Bad inputs raise before any statistic changes. Several calls between two steps
         (gradient accumulation) add up in ``stats``.
         """
-        selection = self.rejector.select(
-            self.tracker, hidden, actions, advantages, mask, logits=logits, forward=forward
-        )
+        inputs = Inputs(hidden, actions, advantages, mask, logits, forward)
+        selection = self.rejector.apply(self.tracker, self.tracker.prepare_inputs(inputs))
         self._record(selection, mask)
         if self.track_realised or self.max_policy_shift is not None:
             self._batches.append(
-                _MicroBatch(
+                Inputs(
+                    None if hidden is None else hidden.detach(),
                     actions.detach(),
                     advantages.detach(),
                     selection.keep,
-                    None if hidden is None else hidden.detach(),
-                    forward,
+                    forward=forward,
                 )
             )
         return selection.keep
@@ -282,6 +288,7 @@ class CAPO(torch.optim.Optimizer):
             self._window, self._open = {}, True
             self._batches, self._realised = [], {}
         window = self._window
+        assert window is not None
         for k, v in zip(keys, values):
             window[k] = window[k] + v if k in window else v
 
@@ -308,7 +315,7 @@ class CAPO(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the optimizer contract
 
-    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
         """Take the inner step, or skip it when the window's selections kept no token."""
         if not _at_step_boundary(self.optimizer):
             # accelerate between accumulation boundaries: its step() does nothing, and the window
@@ -338,6 +345,7 @@ class CAPO(torch.optim.Optimizer):
                 if self._realised["step_policy_shift"] > self.max_policy_shift:
                     rejected = self._reject_largest(batches, models)
                 if rejected:
+                    assert closure is not None  # required above
                     with torch.enable_grad():
                         loss = closure()
                     _, self._realised = self._plan_scale(batches)
@@ -367,36 +375,35 @@ class CAPO(torch.optim.Optimizer):
         self._open = False
         return loss
 
-    def _plan_scale(
-        self, batches: list[_MicroBatch]
-    ) -> tuple[list[QuadraticModel], dict[str, float]]:
+    def _plan_scale(self, batches: list[Inputs]) -> tuple[list[QuadraticModel], dict[str, float]]:
         """Each micro-batch's token model of the update about to be taken, its predicted mean KL,
         and the learning-rate scale that brings it to ``max_policy_shift``."""
+        assert self.max_policy_shift is not None
         total = torch.zeros(2, dtype=torch.float64, device=self.tracker.params[0].device)
         models = []
         for b in batches:
-            qm = self.tracker.step_model(
-                b.actions, b.advantages, b.keep, hidden=b.hidden, forward=b.forward, fisher="true"
-            )
+            qm = self.tracker.step_model_of(b, fisher="true")
             models.append(qm)
-            total += torch.stack([qm.policy_shift.sum(), b.keep.sum()]).to(total)
+            total += torch.stack([qm.policy_shift.sum(), b.mask.sum()]).to(total)
         shift_sum, n = distributed.all_reduce_sum(total, self.tracker.process_group).tolist()
         predicted = shift_sum / n if n else 0.0
         scale = min(1.0, math.sqrt(self.max_policy_shift / predicted)) if predicted > 0 else 1.0
         return models, {"step_policy_shift": predicted, "step_scale": scale}
 
     @torch.no_grad()
-    def _reject_largest(self, batches: list[_MicroBatch], models: list[QuadraticModel]) -> int:
+    def _reject_largest(self, batches: list[Inputs], models: list[QuadraticModel]) -> int:
         """Clear, in each micro-batch's kept mask, up to ``step_reject_frac`` of its tokens whose
         predicted KL exceeds the bound, largest first; the number cleared over the group."""
+        assert self.max_policy_shift is not None
         count = torch.zeros(1, dtype=torch.float64, device=self.tracker.params[0].device)
         for b, qm in zip(batches, models):
-            over = b.keep & (qm.policy_shift > self.max_policy_shift)
-            k = min(int(over.sum()), math.floor(self.step_reject_frac * int(b.keep.sum())))
+            keep = b.mask
+            over = keep & (qm.policy_shift > self.max_policy_shift)
+            k = min(int(over.sum()), math.floor(self.step_reject_frac * int(keep.sum())))
             if k:
                 shift = torch.where(over, qm.policy_shift, -math.inf).reshape(-1)
                 idx = torch.topk(shift, k).indices
-                b.keep[idx // b.keep.shape[1], idx % b.keep.shape[1]] = False
+                keep[idx // keep.shape[1], idx % keep.shape[1]] = False
                 count += k
         count = distributed.all_reduce_sum(count, self.tracker.process_group)
         if self._window is not None:
@@ -406,27 +413,19 @@ class CAPO(torch.optim.Optimizer):
         return int(count.item())
 
     @torch.no_grad()
-    def _snapshot(self, batches: list[_MicroBatch]) -> list[Tensor]:
-        """What the realised shift is measured against: the head's parameters, or with
-        whole-model tracking each micro-batch's logits before the step."""
-        if not self.tracker.whole:
-            return [p.detach().clone() for p in self.tracker.params]
-        return [b.forward(self.tracker.model).detach() for b in batches]
+    def _snapshot(self, batches: list[Inputs]) -> list[Tensor]:
+        """What the realised shift is measured against (see :meth:`Head.snapshot`)."""
+        return self.tracker.backend.snapshot(batches)
 
     @torch.no_grad()
-    def _measure(self, batches: list[_MicroBatch], before: list[Tensor]) -> dict[str, float]:
+    def _measure(self, batches: list[Inputs], before: list[Tensor]) -> dict[str, float]:
         """Mean exact KL of the step on the kept tokens, and its quadratic model."""
         kls, quads = [], []
         for i, b in enumerate(batches):
-            if self.tracker.whole:
-                z0 = before[i][b.keep]
-                z1 = b.forward(self.tracker.model).detach()[b.keep]
-                kl, quad = self.tracker.kl_of_change(z0, z1.to(z0.dtype) - z0)
-            else:
-                kl, quad = self.tracker.realised_shift(b.hidden[b.keep], before)
+            kl, quad = self.tracker.backend.measure(b, i, before)
             kls.append(kl.sum())
             quads.append(quad.sum())
-        n = sum(float(b.keep.sum()) for b in batches)
+        n = sum(float(b.mask.sum()) for b in batches)
         sums = torch.stack([torch.stack(kls).sum(), torch.stack(quads).sum()]).to(torch.float64)
         sums = torch.cat([sums, sums.new_tensor([n])])
         kl_sum, quad_sum, n = distributed.all_reduce_sum(sums, self.tracker.process_group).tolist()

@@ -16,20 +16,32 @@ For a subset S with weights w_t and advantages A_t the paper's quantities are su
     second_order   = ½ Σ w_t A_t [(v_tᵀu_t)² − u_tᵀF_tu_t + v_tᵀr_t]     = ½ ΔᵀĤ_SΔ
     objective_shift = first_order + second_order                          = m_H(Δ)
     policy_shift   = ½ Σ w_t (v_tᵀu_t)²   or   ½ Σ w_t u_tᵀF_tu_t         = m_F(Δ)
+
+(Melo, Abate, Gal, "Stabilizing Policy Gradients for Sample-Efficient Reinforcement Learning in
+LLM Reasoning", ICLR 2026, https://arxiv.org/abs/2510.00819, Section 5.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
-__all__ = ["LogitMoments", "QuadraticModel", "candidate_terms"]
+__all__ = [
+    "LEVELS",
+    "LogitMoments",
+    "Moments",
+    "QuadraticModel",
+    "action_residual",
+    "candidate_terms",
+    "row_moments",
+]
 
 Level = Literal["token", "sequence", "batch"]
 Fisher = Literal["empirical", "true"]
+LEVELS: tuple[Level, ...] = get_args(Level)
 
 
 @dataclass
@@ -60,6 +72,41 @@ class QuadraticModel:
         return self.first_order + self.second_order
 
 
+class Moments(NamedTuple):
+    """Per-token sums over the logit rows of a logit change u (``[n]`` each): ``v·u``, ``uᵀFu``
+    and ``v·r`` (zero, or None, for a linear head)."""
+
+    vu: Tensor
+    ufu: Tensor
+    vr: Tensor | None
+
+
+def action_residual(probs: Tensor, actions: Tensor, rows: Tensor | None = None) -> Tensor:
+    """``v = e_a − π`` over the columns of ``probs [n, R]``: the gradient of ``log π(a)`` with
+    respect to the policy's logits.
+
+    ``rows``: the vocabulary ids of the columns, ``[n, R]`` (None: column j is id j). An action
+    that is not among a token's columns (−1, or outside its top-K rows) gives ``v = −π``.
+    """
+    ids = torch.arange(probs.shape[1], device=probs.device) if rows is None else rows
+    return (ids == actions.unsqueeze(1)).to(probs.dtype) - probs
+
+
+def row_moments(
+    v: Tensor, u: Tensor, r: Tensor | None, probs: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(v·u, v·r, Σπ, mean_π u, Σπ(u − mean)²)`` per token of ``[n, R]`` rows.
+
+    Elementwise products and row sums only, so that ``torch.compile`` fuses it into its caller.
+    """
+    vu = (v * u).sum(1)
+    vr = torch.zeros_like(vu) if r is None else (v * r).sum(1)
+    w = probs.sum(1)
+    mean = (probs * u).sum(1) / torch.where(w > 0, w, torch.ones_like(w))
+    m2 = (probs * (u - mean.unsqueeze(1)).square()).sum(1)
+    return vu, vr, w, mean, m2
+
+
 class LogitMoments:
     """Per-token sums over logit rows of a logit change u, accumulated chunk by chunk.
 
@@ -83,22 +130,8 @@ class LogitMoments:
         index: slice | None = None,
     ) -> None:
         """Add rows: ``u, probs, v, r`` of shape ``[n, rows]``, for tokens ``index`` (a slice of
-        this accumulator's tokens; all of them by default). ``u`` may be overwritten."""
-        self.merge(*self.block(u, probs, v, r), index=index)
-
-    @staticmethod
-    def block(
-        u: Tensor, probs: Tensor, v: Tensor, r: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """One block's ``(v·u, v·r, Σπ, mean_π u, Σπ(u − mean)²)`` per token (``u`` may be
-        overwritten)."""
-        vu = _dot(v, u)
-        vr = torch.zeros_like(vu) if r is None else _dot(v, r)
-        w = probs.sum(-1)
-        safe = torch.where(w > 0, w, torch.ones_like(w))
-        mean = _dot(probs, u) / safe
-        m2 = _dot(probs, u.sub_(mean.unsqueeze(-1)).square_())
-        return vu, vr, w, mean, m2
+        this accumulator's tokens; all of them by default)."""
+        self.merge(*row_moments(v, u, r, probs), index=index)
 
     def merge(
         self,
@@ -110,7 +143,7 @@ class LogitMoments:
         *,
         index: slice | None = None,
     ) -> None:
-        """Merge one block's statistics (from :meth:`block`) into tokens ``index``."""
+        """Merge one block's statistics (from :func:`row_moments`) into tokens ``index``."""
         sl = slice(None) if index is None else index
         self.vu[sl] += vu
         self.vr[sl] += vr
@@ -127,10 +160,9 @@ class LogitMoments:
         """uᵀFu = Σπu² − (Σπu)² (exact also when Σπ ≠ 1 through rounding)."""
         return self.m2 + self.mean.square() * self.weight * (1 - self.weight)
 
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot products ``[n]`` of ``[n, R]`` tensors, without an ``[n, R]`` temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
+    @property
+    def moments(self) -> Moments:
+        return Moments(self.vu, self.ufu, self.vr)
 
 
 def candidate_terms(

@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from .inputs import Batch, Forward, Inputs
 from .quadratic import Level, QuadraticModel
-from .tracker import LEVELS, CurvatureTracker
-from .wholemodel import Forward
+from .settings import DEFAULTS, Rule, check
+from .tracker import CurvatureTracker
 
-__all__ = ["SampleRejector", "Selection"]
+__all__ = ["RULES", "SampleRejector", "Selection", "symmetric", "theorem"]
 
-Rule = Literal["theorem", "symmetric"]
+
+def theorem(m_h: Tensor, m_f: Tensor, delta_h: float, delta_f: float) -> Tensor:
+    """Theorem 5.1 of Melo, Abate, Gal (ICLR 2026, https://arxiv.org/abs/2510.00819): keep a
+    candidate with ``m_H ≥ δ_H`` and ``m_F ≤ δ_F`` (with ``δ_H = 0`` a zero-gradient token is
+    kept)."""
+    return (m_h >= delta_h) & (m_f <= delta_f)
+
+
+def symmetric(m_h: Tensor, m_f: Tensor, delta_h: float, delta_f: float) -> Tensor:
+    """The rule of the paper's experiments (Melo et al., https://arxiv.org/abs/2510.00819):
+    keep a candidate with ``|m_H| < δ_H`` and ``m_F < δ_F`` (there δ_H = 1e-2, δ_F = 1e-4)."""
+    return (m_h.abs() < delta_h) & (m_f < delta_f)
+
+
+# The acceptance rules by name: (m_H, m_F, δ_H, δ_F) ↦ bool acceptance.
+RULES: dict[Rule, Callable[[Tensor, Tensor, float, float], Tensor]] = {
+    "theorem": theorem,
+    "symmetric": symmetric,
+}
 
 
 @dataclass
@@ -36,10 +53,11 @@ class Selection:
 class SampleRejector:
     """Keeps the candidates whose predicted update is safe.
 
-    Rules, for a candidate with m_H = objective_shift and m_F = policy_shift:
+    Rules, for a candidate with m_H = objective_shift and m_F = policy_shift (:data:`RULES`):
 
     - ``"theorem"``: keep iff ``m_H ≥ delta_h`` and ``m_F ≤ delta_f`` (Theorem 5.1 of Melo et al.,
-      ICLR 2026; with ``delta_h = 0`` a zero-gradient token is kept).
+      ICLR 2026, https://arxiv.org/abs/2510.00819; with ``delta_h = 0`` a zero-gradient token is
+      kept).
     - ``"symmetric"``: keep iff ``|m_H| < delta_h`` and ``m_F < delta_f`` (the paper's experiments:
       ``delta_h = 1e-2, delta_f = 1e-4``).
 
@@ -51,42 +69,21 @@ class SampleRejector:
 
     def __init__(
         self,
-        rule: Rule = "theorem",
-        delta_h: float = 0.0,
-        delta_f: float = 1e-4,
-        levels: Sequence[Level] = ("token",),
+        rule: Rule = DEFAULTS.rule,
+        delta_h: float = DEFAULTS.delta_h,
+        delta_f: float = DEFAULTS.delta_f,
+        levels: Sequence[Level] = DEFAULTS.levels,
     ) -> None:
-        if rule not in ("theorem", "symmetric"):
-            raise ValueError(f"rule: expected 'theorem' or 'symmetric', got {rule!r}")
-        for name, value in (("delta_h", delta_h), ("delta_f", delta_f)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name}: expected a finite number, got {value}")
-        if isinstance(levels, str):
-            raise TypeError(
-                f"levels: expected a sequence of levels such as ('token',), got {levels!r}"
-            )
-        levels = tuple(levels)
-        if any(lv not in LEVELS for lv in levels) or len(set(levels)) != len(levels):
-            raise ValueError(
-                f"levels: expected distinct levels from {LEVELS} (or none), got {levels}"
-            )
-        self.rule: Rule = rule
-        self.delta_h = float(delta_h)
-        self.delta_f = float(delta_f)
-        self.levels: tuple[Level, ...] = levels
+        self.rule: Rule = check("rule", rule)
+        self.delta_h: float = check("delta_h", delta_h)
+        self.delta_f: float = check("delta_f", delta_f)
+        self.levels: tuple[Level, ...] = check("levels", levels)
 
     def accept(self, qm: QuadraticModel) -> Tensor:
         """Bool acceptance of each candidate of ``qm`` (False where there is no candidate)."""
-        m_h, m_f = qm.objective_shift, qm.policy_shift
-        if self.rule == "theorem":
-            ok = (m_h >= self.delta_h) & (m_f <= self.delta_f)
-        else:
-            ok = (m_h.abs() < self.delta_h) & (m_f < self.delta_f)
+        ok = RULES[self.rule](qm.objective_shift, qm.policy_shift, self.delta_h, self.delta_f)
         return ok & qm.candidates
 
-    @torch.no_grad()
     def select(
         self,
         tracker: CurvatureTracker,
@@ -99,17 +96,17 @@ class SampleRejector:
         forward: Forward | None = None,
     ) -> Selection:
         """Apply the levels in order; see :meth:`CurvatureTracker.quadratic_model` for shapes."""
-        batch = tracker.prepare(hidden, actions, advantages, mask, logits, forward=forward)
+        inputs = Inputs(hidden, actions, advantages, mask, logits, forward)
+        return self.apply(tracker, tracker.prepare_inputs(inputs))
+
+    @torch.no_grad()
+    def apply(self, tracker: CurvatureTracker, batch: Batch) -> Selection:
+        """:meth:`select` on a batch the tracker has prepared."""
         keep = batch.mask.clone()
         selection = Selection(keep)
         for level in self.levels:
             qm = tracker.evaluate(batch, level, keep)
             accepted = self.accept(qm)
             selection.models.append((qm, accepted))
-            if level == "token":
-                keep &= accepted
-            elif level == "sequence":
-                keep &= accepted.unsqueeze(1)
-            else:
-                keep &= accepted
+            keep &= accepted.unsqueeze(1) if level == "sequence" else accepted
         return selection

@@ -30,8 +30,10 @@ How it hooks into TRL, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import inspect
+from collections.abc import Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal, cast, get_args, get_origin
 
 import torch
 from accelerate.utils import is_peft_model
@@ -39,98 +41,74 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
 
-from ..capo import CAPO
-from ..rejector import SampleRejector
+from ..capo import CAPO, STEP_STATS
+from ..settings import CAPOSettings, help_text, option_types
 
 __all__ = ["CAPOConfig", "CAPOGRPOTrainer"]
 
 # Loss types whose normaliser is the token count of the generation batch (``num_items_in_batch``).
 GLOBAL_NORMALISER = ("cispo", "dapo", "vespo")
-# CAPO statistics logged after every optimizer step, as ``capo/<name>`` (the last two only with
-# ``capo_track_realised``, on steps that were taken).
-LOGGED_STATS = (
-    "rejected_frac",
-    "objective_shift_mean",
-    "policy_shift_mean",
-    "policy_shift_realised",
-    "policy_shift_step_model",
-    "step_policy_shift",
-    "step_scale",
+# The CAPO options set on TRL's command line, as ``capo_<name>``; the logit transform comes from
+# the GRPO settings and the model, and step_reject_frac needs a closure TRL's step does not pass.
+OPTIONS = (
+    "rule",
+    "delta_h",
+    "delta_f",
+    "levels",
+    "top_k",
+    "fisher",
+    "direction",
+    "track_realised",
+    "max_policy_shift",
 )
+PREFIX = "capo_"
+
+
+def _with_capo_options(cls: type) -> type:
+    """Add a ``capo_<name>`` field for each of :data:`OPTIONS`, derived from
+    :class:`curvopt.settings.CAPOSettings` (type, default and help), before the class's own."""
+    types = option_types()
+    declared = {f.name: f for f in fields(CAPOSettings)}
+    own = inspect.get_annotations(cls)
+    annotations: dict[str, Any] = {}
+    for name in OPTIONS:
+        tp, default = types[name], declared[name].default
+        assert default is not MISSING
+        metadata = {"help": help_text(name, PREFIX)}
+        if get_origin(tp) in (tuple, list, Sequence):
+            # a sequence parses as a list on the command line, of its choices' type
+            tp = list[_plain(get_args(tp)[0])]  # type: ignore[misc]
+            value = field(default_factory=_copy_of(default), metadata=metadata)
+        else:
+            value = field(default=default, metadata=metadata)
+        annotations[PREFIX + name] = tp
+        setattr(cls, PREFIX + name, value)
+    cls.__annotations__ = {**annotations, **own}
+    return cls
+
+
+def _copy_of(default: Sequence[Any]) -> Any:
+    """A default factory of fresh lists equal to ``default``."""
+    return lambda: list(default)
+
+
+def _plain(tp: Any) -> Any:
+    """The type of a ``Literal``'s values (the parser's item type), else ``tp`` itself."""
+    return type(get_args(tp)[0]) if get_origin(tp) is Literal else tp
 
 
 @dataclass
+@_with_capo_options
 class CAPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus the settings of :class:`curvopt.CAPO` (Melo, Abate, Gal, ICLR 2026).
+    """``GRPOConfig`` plus the settings of :class:`curvopt.CAPO` (Melo, Abate, Gal, ICLR 2026,
+    https://arxiv.org/abs/2510.00819).
 
-    Each ``capo_<name>`` field is CAPO's argument ``<name>``; ``temperature``, the logit scale and
-    the soft-cap are taken from the GRPO settings and the model, so CAPO models the policy TRL
-    optimises.
+    Each ``capo_<name>`` field is CAPO's argument ``<name>`` for the names in :data:`OPTIONS`,
+    with the type, default and help declared in :class:`curvopt.settings.CAPOSettings`;
+    ``temperature``, the logit scale and the soft-cap are taken from the GRPO settings and the
+    model, so CAPO models the policy TRL optimises.
     """
 
-    capo_rule: Literal["theorem", "symmetric"] = field(
-        default="theorem",
-        metadata={
-            "help": "CAPO acceptance rule. 'theorem': keep a candidate when its objective shift "
-            "m_H >= capo_delta_h and its policy shift m_F <= capo_delta_f (Theorem 5.1). "
-            "'symmetric': keep when |m_H| < capo_delta_h and m_F < capo_delta_f (the paper's "
-            "experiments, with capo_delta_h=1e-2 and capo_delta_f=1e-4)."
-        },
-    )
-    capo_delta_h: float = field(
-        default=0.0,
-        metadata={"help": "CAPO threshold on the predicted objective shift m_H."},
-    )
-    capo_delta_f: float = field(
-        default=1e-4,
-        metadata={"help": "CAPO threshold on the predicted policy shift m_F (about a KL)."},
-    )
-    capo_levels: list[str] = field(
-        default_factory=lambda: ["token"],
-        metadata={
-            "help": "CAPO candidate levels, applied in turn to the survivors of the previous one: "
-            "any of 'token', 'sequence', 'batch'."
-        },
-    )
-    capo_top_k: int | None = field(
-        default=None,
-        metadata={
-            "help": "Restrict each token's softmax to its K largest logits in CAPO's model (the "
-            "paper's reference code used 50); None for the full vocabulary."
-        },
-    )
-    capo_fisher: Literal["empirical", "true"] = field(
-        default="empirical",
-        metadata={
-            "help": "Fisher matrix of CAPO's policy shift: 'empirical' (score outer product, as "
-            "the paper's code) or 'true' (the softmax Fisher: the second-order KL of the update)."
-        },
-    )
-    capo_direction: Literal["exact", "frozen", "shadow"] = field(
-        default="frozen",
-        metadata={
-            "help": "How CAPO forms a candidate's update: 'exact' (a copy of the real optimizer "
-            "step), 'frozen' (Adam's second moment held fixed, exact on each token's action and "
-            "top rows) or 'shadow' (frozen, over Adam moments CAPO keeps itself, for optimizers "
-            "other than torch SGD/Adam/AdamW)."
-        },
-    )
-    capo_track_realised: bool = field(
-        default=False,
-        metadata={
-            "help": "After each step, measure the head update's exact KL on the kept tokens "
-            "(capo/policy_shift_realised) beside its quadratic model "
-            "(capo/policy_shift_step_model)."
-        },
-    )
-    capo_max_policy_shift: float | None = field(
-        default=None,
-        metadata={
-            "help": "CAPO's curvature-aware step: scale each step's learning rate so that the "
-            "predicted mean KL of the head's actual update on the kept tokens stays within this "
-            "bound (capo/step_scale, capo/step_policy_shift). None: off."
-        },
-    )
     capo_allow_tied_head: bool = field(
         default=False,
         metadata={
@@ -144,9 +122,15 @@ class CAPOConfig(GRPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         # fail at parse time rather than once the model is loaded (CAPO's own checks)
-        SampleRejector(self.capo_rule, self.capo_delta_h, self.capo_delta_f, self.capo_levels)
-        if self.capo_top_k is not None and self.capo_top_k < 1:
-            raise ValueError(f"capo_top_k: expected None or >= 1, got {self.capo_top_k}")
+        try:
+            capo_settings(self)
+        except (TypeError, ValueError) as error:
+            raise type(error)(PREFIX + str(error)) from None
+
+
+def capo_settings(args: Any) -> CAPOSettings:
+    """The :class:`~curvopt.settings.CAPOSettings` of a :class:`CAPOConfig`'s ``capo_*`` fields."""
+    return CAPOSettings(**{name: getattr(args, PREFIX + name) for name in OPTIONS})
 
 
 @dataclass
@@ -196,13 +180,22 @@ class CAPOGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ set-up
 
+    @property
+    def _capo_args(self) -> CAPOConfig:
+        return cast(CAPOConfig, self.args)
+
+    @property
+    def _capo(self) -> CAPO:
+        assert self.capo is not None  # training has started
+        return self.capo
+
     def _policy(self) -> PreTrainedModel:
         """The transformers model whose forward TRL patched (the base model under PEFT)."""
         model = self.accelerator.unwrap_model(self.model)
         return model.get_base_model() if is_peft_model(model) else model
 
     def _check_supported(self) -> None:
-        args = self.args
+        args = self._capo_args
         if self.is_deepspeed_enabled:
             raise ValueError(
                 "CAPOGRPOTrainer does not support DeepSpeed: its engine steps the optimizer "
@@ -254,24 +247,16 @@ class CAPOGRPOTrainer(GRPOTrainer):
         optimizer = super().create_optimizer(model)
         if isinstance(optimizer, CAPO):
             return optimizer
-        args = self.args
         policy = self._policy()
         scale, softcap = logit_transform(policy)
+        options = capo_settings(self._capo_args)
         self.capo = CAPO(
             optimizer,
             policy.get_output_embeddings(),
-            rule=args.capo_rule,
-            delta_h=args.capo_delta_h,
-            delta_f=args.capo_delta_f,
-            levels=tuple(args.capo_levels),
-            top_k=args.capo_top_k,
-            fisher=args.capo_fisher,
-            direction=args.capo_direction,
-            temperature=args.temperature,
+            **{name: getattr(options, name) for name in OPTIONS},
+            temperature=self._capo_args.temperature,
             logit_scale=scale,
             softcap=softcap,
-            track_realised=args.capo_track_realised,
-            max_policy_shift=args.capo_max_policy_shift,
         )
         self.capo.register_step_post_hook(self._log_capo)
         self.optimizer = self.capo
@@ -281,7 +266,7 @@ class CAPOGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
         """TRL's loss on a copy of ``inputs`` whose loss mask CAPO narrows during the forward."""
-        if not self.model.training or self.capo is None:
+        if not cast(nn.Module, self.model).training or self.capo is None:
             return super()._compute_loss(model, inputs)
         completion_mask = inputs["completion_mask"]
         # TRL's loss mask: this very tensor, so zeroing it after the forward reaches every use
@@ -339,8 +324,9 @@ class CAPOGRPOTrainer(GRPOTrainer):
             )
         # the state at position t predicts token t + 1: the completion's states end one early
         hidden = torch.cat(captured)[:, -logits_to_keep - 1 : -1]
-        hidden = hidden.to(self.capo.tracker.params[0].device)  # as TRL does with a split model
-        keep = self.capo.select(hidden, batch.actions, batch.advantages, batch.loss_mask.bool())
+        capo = self._capo
+        hidden = hidden.to(capo.tracker.params[0].device)  # as TRL does with a split model
+        keep = capo.select(hidden, batch.actions, batch.advantages, batch.loss_mask.bool())
         batch.loss_mask.mul_(keep)
         return out
 
@@ -370,9 +356,9 @@ class CAPOGRPOTrainer(GRPOTrainer):
     def _log_capo(self, *_: Any) -> None:
         """After each optimizer step (taken or skipped): its window's statistics, already reduced
         over the processes by CAPO."""
-        stats = self.capo.stats
+        stats = self._capo.stats
         metrics = self._metrics["train"]
-        for name in LOGGED_STATS:
+        for name in STEP_STATS:
             if name in stats:
                 metrics[f"capo/{name}"].append(stats[name])
         # CAPO skips a step whose window kept no token; averaged at log time: the skipped fraction

@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from curvopt import CurvatureTracker
-from curvopt.logits import LogitTransform
+from curvopt.policy import LogitTransform
 
 F64 = torch.float64
 

@@ -155,3 +155,22 @@ def candidate_update(head: nn.Module, optimizer: torch.optim.Optimizer, f) -> li
     (f(head_c) if maximize else -f(head_c)).backward()
     opt_c.step()
     return [p.detach() - b for p, b in zip(params_c, before)]
+
+
+def elementwise_token_change(rule, h: Tensor, cv: Tensor, rows) -> Tensor:
+    """Σ_c Δ_{t,j,c} h_{t,c} with Δ = rule(q_t), q_t = cv_t ⊗ h_t, formed elementwise column by
+    column (any update rule; the oracle of the rank-one closed forms).
+
+    ``rows``: None (the columns of ``cv`` are all head rows), a slice of head rows, or ``[n, K]``.
+    """
+    out = torch.empty_like(cv)
+    for c in range(cv.shape[1]):
+        if rows is None:
+            at = slice(c, c + 1)
+        elif isinstance(rows, slice):
+            at = slice(rows.start + c, rows.start + c + 1)
+        else:
+            at = rows[:, c : c + 1]
+        q = cv[:, c : c + 1].unsqueeze(2) * h.unsqueeze(1)
+        out[:, c : c + 1] = (rule(q, at) * h.unsqueeze(1)).sum(2)
+    return out

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from oracle import elementwise_token_change
 
-from curvopt.directions import AdamStep, AffineStep, FrozenAdamStep, SignStep
-from curvopt.tracker import _elementwise_token_change, _rows_dot, _token_logit_change
+from curvopt.heads.rank_one import rows_dot, token_logit_change
+from curvopt.optimizers.rules import AdamStep, AffineStep, FrozenAdamStep, SignStep
 
 F64 = torch.float64
 
@@ -66,9 +67,9 @@ def test_closed_form_equals_elementwise_step(case):
     """For a frozen Adam step the row-level saturation equals the elementwise one when the
     candidate-to-second-moment ratio is the same across the row — with one column, always."""
     h, coef, grad, rows, steps = case
-    fast = _token_logit_change(h, coef, grad, steps, rows)
+    fast = token_logit_change(h, coef, grad, steps, rows)
     cv = -coef.unsqueeze(1) * grad
-    slow = _elementwise_token_change(steps[0], h, cv, rows)
+    slow = elementwise_token_change(steps[0], h, cv, rows)
     if len(steps) > 1:
         slow = slow + steps[1](cv, rows)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
@@ -94,10 +95,10 @@ def test_frozen_adam_is_bounded_by_its_limit_and_linear_when_unsaturated(seed, n
     for scale, saturated in ((1e-24, True), (1e12, False)):
         v = torch.rand(V, H, generator=g, dtype=F64) * scale
         step = FrozenAdamStep(torch.randn(V, H, generator=g, dtype=F64), zero_m, v, **hyper)
-        u = _token_logit_change(h, coef, grad, [step], None)
+        u = token_logit_change(h, coef, grad, [step], None)
         reach = step.limit * h.abs().sum(1, keepdim=True)
         assert (u.abs() <= reach * (1 + 1e-12)).all()
-        linear = -coef.unsqueeze(1) * grad * _rows_dot(step.parts()[0], h * h)
+        linear = -coef.unsqueeze(1) * grad * rows_dot(step.parts()[0], h * h)
         if saturated:
             torch.testing.assert_close(u.abs(), reach.expand_as(u), rtol=1e-3, atol=0)
         else:

@@ -13,7 +13,8 @@ from oracle import oracle_model
 from problems import make_optimizer, optimizer_configs
 
 from curvopt import CurvatureTracker
-from curvopt.wholemodel import planned_update, step_logit_change
+from curvopt.heads.whole import step_logit_change
+from curvopt.optimizers import planned_update
 
 F64 = torch.float64
 TOL = dict(rtol=1e-8, atol=1e-10)

@@ -13,11 +13,12 @@ policy's logits by ``φ'(z)·u + ½φ''(z)·u² + …``, so the tracker's quadra
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .validation import check_optional_positive, check_positive
 
 __all__ = ["LogitTransform"]
 
@@ -31,21 +32,9 @@ class LogitTransform:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("scale", "temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{_arg(name)}: expected a float, got {type(value).__name__}")
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{_arg(name)}: expected a finite number > 0, got {value}")
-        if self.softcap is not None:
-            if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)):
-                raise TypeError(
-                    f"softcap: expected None or a float, got {type(self.softcap).__name__}"
-                )
-            if not (math.isfinite(self.softcap) and self.softcap > 0):
-                raise ValueError(
-                    f"softcap: expected None or a finite number > 0, got {self.softcap}"
-                )
+        check_positive("logit_scale", self.scale)
+        check_positive("temperature", self.temperature)
+        check_optional_positive("softcap", self.softcap)
 
     @property
     def linear(self) -> bool:
@@ -79,7 +68,3 @@ class LogitTransform:
         a = torch.tanh(z * (self.scale / self.softcap))
         b = torch.tanh(u * (self.scale / self.softcap))
         return b * (1 - a * a) / (1 + a * b) * (self.softcap / self.temperature)
-
-
-def _arg(name: str) -> str:
-    return "logit_scale" if name == "scale" else name

@@ -1,9 +1,9 @@
-"""Optional fusion of curvopt's elementwise block computations with ``torch.compile``.
+"""Optional fusion of curvopt's elementwise computations with ``torch.compile``.
 
 Each full-vocabulary block of the token path is a few products followed by some fifteen
-elementwise operations and reductions over ``[n, R]``. Eager PyTorch writes every intermediate to
-memory; compiled, they fuse into one pass. Fusion changes speed only: the same Python function runs
-either way.
+elementwise operations and reductions over ``[n, R]``; Adam's step is a dozen elementwise
+operations per parameter. Eager PyTorch writes every intermediate to memory; compiled, they fuse
+into one pass. Fusion changes speed only: the same Python function runs either way.
 
 ``CURVOPT_COMPILE`` (environment): ``auto`` (default) compiles work of at least
 ``MIN_ELEMENTS`` elements, ``1`` always, ``0`` never. If compilation fails (no C++ compiler, an
