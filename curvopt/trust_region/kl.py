@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import kernels as fusion
-from ..logits import LogitTransform
+from .. import fusion
+from ..policy import LogitTransform
 
 __all__ = ["HeadInput", "PolicyOutput", "policy_kl"]
 
@@ -74,7 +74,9 @@ def _dtype(*outs: PolicyOutput) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _block(out: PolicyOutput, rows: tuple[Tensor, Tensor], c0: int, c1: int, dtype) -> Tensor:
+def _block(
+    out: PolicyOutput, rows: tuple[Tensor, Tensor], c0: int, c1: int, dtype: torch.dtype
+) -> Tensor:
     """Raw logits ``[n, c1 − c0]`` of tokens ``rows`` (batch and time indices) in columns c0:c1."""
     if isinstance(out, Tensor):
         return out[rows[0], rows[1], c0:c1].to(dtype)
@@ -82,7 +84,9 @@ def _block(out: PolicyOutput, rows: tuple[Tensor, Tensor], c0: int, c1: int, dty
     return z if out.bias is None else z + out.bias[c0:c1].to(dtype)
 
 
-def _at(out: PolicyOutput, rows: tuple[Tensor, Tensor], actions: Tensor, dtype) -> Tensor:
+def _at(
+    out: PolicyOutput, rows: tuple[Tensor, Tensor], actions: Tensor, dtype: torch.dtype
+) -> Tensor:
     """Raw logit ``[n]`` of each token's action."""
     if isinstance(out, Tensor):
         return out[rows[0], rows[1], actions].to(dtype)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..logits import LogitTransform
+from ..policy import LogitTransform
 from .kl import HeadInput, PolicyOutput, batch_shape, policy_kl
 from .search import Search
 from .step import Transaction, begin
@@ -144,8 +144,10 @@ class TrustRegion:
         if result.scale is None:
             txn.abort()
             self._reshard()
-            reason = "is not finite" if not math.isfinite(result.trials[-1][1]) else (
-                f"stays above the bound {self.bound:g} at every scale tried"
+            reason = (
+                "is not finite"
+                if not math.isfinite(result.trials[-1][1])
+                else (f"stays above the bound {self.bound:g} at every scale tried")
             )
             warnings.warn(
                 f"curvopt: the step's measured KL {reason} "
@@ -199,7 +201,7 @@ class TrustRegion:
     def _reshard(self) -> None:
         """Drop FSDP2's gathered parameters: the next forward gathers the changed shards."""
         for module in _fsdp_modules(self.model):
-            module.reshard()
+            module.reshard()  # type: ignore[operator]
 
     @torch.no_grad()
     def _measure(self, txn: Transaction, scale: float, batches: Sequence[Measured]) -> float:

@@ -32,8 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..directions import SUPPORTED_OPTIMIZERS, optimizer_steps, unwrap_optimizer
-from ..wholemodel import planned_update
+from ..optimizers import SUPPORTED_OPTIMIZERS, planned_update, read_rules, unwrap_optimizer
 
 __all__ = ["PlannedStep", "TakenStep", "Transaction", "begin", "can_plan"]
 
@@ -128,7 +127,7 @@ class PlannedStep(Transaction):
             dtype = _compute_dtype(p)
             # the step model reads the parameter (weight decay): put θ0 back before forming Δθ
             p.detach().copy_(start)
-            steps = optimizer_steps(self.optimizer, [p], frozen=False, dtype=dtype)
+            steps = read_rules(self.optimizer, [p], frozen=False, dtype=dtype)
             (delta,) = planned_update(steps, [p], self.optimizer)
             yield p.detach(), start, delta
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from models import TinyLM
 
-from curvopt.logits import LogitTransform
+from curvopt.policy import LogitTransform
 from curvopt.trust_region import HeadInput, Measured, TrustRegion
 
 F64 = torch.float64
@@ -75,7 +75,7 @@ def run(model, opt, x, actions, adv, keep, bound, forward=None):
 def test_a_step_within_the_bound_is_the_bare_step_bit_for_bit():
     model, opt, x, actions, adv, keep = setup()
     before = backward(model, x, actions, adv, keep)
-    want, want_opt = bare(model, opt, 1.0)
+    want, _ = bare(model, opt, 1.0)
     stats = TrustRegion(10.0, model, TRANSFORM).step(
         opt, [Measured(keep, actions, before, lambda m: m(x))], take_step(opt)
     )
@@ -151,7 +151,7 @@ def test_micro_batches_are_measured_together():
 def test_the_head_input_route_measures_the_same_kl():
     model, opt, x, actions, adv, keep = setup(4)
     twin = copy.deepcopy((model, opt))
-    before = backward(model, x, actions, adv, keep)
+    backward(model, x, actions, adv, keep)
     h0 = model.body(x).detach()
     head = model.lm_head
     batch = Measured(

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from curvopt.logits import LogitTransform
+from curvopt.policy import LogitTransform
 from curvopt.trust_region.kl import HeadInput, policy_kl
 
 F64 = torch.float64

@@ -81,7 +81,8 @@ def test_planned_trial_points_and_commit_are_the_optimizer_at_lr_times_s(config,
     txn = PlannedStep(opt, scaled_step(opt, scale))
     txn.move(scale)
     for p, p0, p1 in zip(model.parameters(), before, full.parameters()):
-        torch.testing.assert_close(p.detach(), p0 + scale * (p1.detach() - p0), rtol=1e-12, atol=1e-14)
+        want = p0 + scale * (p1.detach() - p0)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-14)
     txn.move(1.0)
     for p, p1 in zip(model.parameters(), full.parameters()):
         torch.testing.assert_close(p.detach(), p1.detach(), rtol=1e-12, atol=1e-14)
@@ -168,7 +169,8 @@ def test_a_nonlinear_optimizer_is_shrunk_towards_the_start():
     txn = begin(opt, scaled_step(opt, 1.0))
     txn.commit(0.25)
     for p, p0, p1 in zip(model.parameters(), before, full.parameters()):
-        torch.testing.assert_close(p.detach(), p0 + 0.25 * (p1.detach() - p0), rtol=1e-12, atol=1e-14)
+        want = p0 + 0.25 * (p1.detach() - p0)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-14)
 
 
 def test_original_gives_the_start_of_optimizer_parameters_only():
