@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -12,10 +12,15 @@ from torch import Tensor, nn
 from . import distributed
 from .inputs import Forward, Inputs
 from .optimizers import unwrap_optimizer
-from .quadratic import Fisher, Level, QuadraticModel
+from .policy import LogitTransform
+from .quadratic import Fisher, Level
 from .rejector import SampleRejector, Selection
-from .settings import DEFAULTS, CAPOSettings, Direction, Rule
+from .settings import DEFAULTS, MODEL_FORM, CAPOSettings, Direction, Rule, ShiftEstimate
 from .tracker import CurvatureTracker
+from .trust_region import Measured, TrustRegion
+from .trust_region.kl import vocab_size
+from .trust_region.predicted import PredictedBound
+from .validation import check_inputs, check_positive
 
 __all__ = ["CAPO", "LIFETIME_STATS", "STEP_STATS"]
 
@@ -32,85 +37,97 @@ STEP_STATS = (
     "step_policy_shift",
     "step_scale",
     "step_rejected",
+    "trust_region_trials",
 )
 
 
 class CAPO(torch.optim.Optimizer):
-    r"""Curvature-Aware Policy Optimization around any supported optimizer.
+    r"""Curvature-Aware Policy Optimization around any ``torch.optim`` optimizer.
 
     Wraps ``optimizer`` (sharing its ``param_groups``, ``state`` and ``defaults``, so schedulers,
-    ``GradScaler``, ``zero_grad``, ``add_param_group`` and checkpoints work unchanged) and adds
-    :meth:`select`, which masks out the tokens whose update the quadratic model predicts to be
-    unsafe (Melo, Abate, Gal, ICLR 2026, https://arxiv.org/abs/2510.00819)::
+    ``GradScaler``, ``zero_grad``, ``add_param_group`` and checkpoints work unchanged). Two forms:
 
-        opt = CAPO(torch.optim.AdamW(model.parameters(), lr=1e-5), head=model.lm_head)
-        keep = opt.select(hidden, actions, advantages, mask)   # bool [B, T], keep ⊆ mask
-        loss = policy_loss(logps, advantages, mask=keep)       # kept tokens only
-        loss.backward(); opt.step(); opt.zero_grad()
+    - **The whole-policy trust region** (from the model alone): every optimizer step is taken at
+      the scale ``s ≤ 1`` of its update that keeps the policy's mean per-token KL on the step's
+      own tokens, measured by forwards, within ``max_policy_shift`` (default
+      :data:`~curvopt.settings.DEFAULT_MAX_POLICY_SHIFT`)::
 
-    The algorithm of one step::
+          opt = CAPO(torch.optim.AdamW(model.parameters(), lr=3e-4), model=model)
+          logits = forward(model)                      # completion logits [B, T, V]
+          keep = opt.select(None, actions, advantages, mask, logits=logits, forward=forward)
+          loss(logits, keep).backward(); opt.step(); opt.zero_grad()
+
+    - **The paper's token rejection** (with the output layer, Melo, Abate, Gal, ICLR 2026,
+      https://arxiv.org/abs/2510.00819): :meth:`select` masks out the tokens whose update the
+      quadratic model of the output layer predicts to be unsafe::
+
+          opt = CAPO(torch.optim.AdamW(model.parameters(), lr=1e-5), head=model.lm_head)
+          keep = opt.select(hidden, actions, advantages, mask)   # bool [B, T], keep ⊆ mask
+
+    Both can be combined (``levels`` and ``max_policy_shift`` are independent). One step::
 
         for micro-batch: keep ← mask; for level in levels:          (select)
                              m_H, m_F ← quadratic model of each candidate on keep
                              keep ← keep ∧ rule(m_H, m_F)
         if select was called and no token was kept since the last step:   (step)
             skip the inner step (Δθ = 0: no decay, no momentum), skipped_steps += 1
+        elif max_policy_shift, measured:
+            m(s) ← mean KL of the kept tokens after the step at scale s, by forwards
+            s ← 1 if m(1) ≤ bound, else searched until m(s) ∈ [½, 1.1] × bound
+            the step at scale s (or none, if a KL is not finite: skipped_steps += 1)
         else:
-            s ← 1, or with max_policy_shift: m ← predicted mean KL of the update about to be taken
-                if m > max_policy_shift and step_reject_frac > 0:
-                    keep ← keep minus the tokens of largest predicted KL (above the bound)
-                    closure() (gradients of the kept tokens); m ← predicted mean KL again
+            s ← 1, or with max_policy_shift, jvp: m ← predicted mean KL of the update
+                (step_reject_frac: reject the largest-shift tokens, closure(), predict again)
                 s ← min(1, √(max_policy_shift / m))
             optimizer.step() with every learning rate × s (for this step only)
-
-    The scale is TRPO's maximal step along the update for a KL bound, ``√(2δ / ΔθᵀF̄Δθ)`` with
-    ``m = ½ΔθᵀF̄Δθ`` (Schulman et al., 2015, https://arxiv.org/abs/1502.05477, Appendix C),
-    applied to the step of whatever optimizer is wrapped.
 
     Every option's type, default, check and help text is declared once in
     :class:`curvopt.settings.CAPOSettings` (``CAPO`` validates its arguments through it).
 
     Args:
-        optimizer: the optimizer to wrap (``torch.optim.SGD/Adam/AdamW`` for directions
-            ``"exact"``/``"frozen"``; any optimizer with ``"shadow"``). An optimizer wrapped by
+        optimizer: the optimizer to wrap: any ``torch.optim.Optimizer`` for the measured trust
+            region; ``torch.optim.SGD/Adam/AdamW`` for the head's models with directions
+            ``"exact"``/``"frozen"`` (any optimizer with ``"shadow"``). An optimizer wrapped by
             accelerate is stepped through its wrapper and read through its ``.optimizer``.
-        head: the output layer (``model.lm_head``); its parameters must be in ``optimizer``.
-        rule, delta_h, delta_f, levels: see :class:`~curvopt.SampleRejector`.
+        head: the output layer (``model.lm_head``). Needed by token rejection (``levels``), the
+            ``"jvp"`` estimate over the head and ``track_realised``; optional otherwise (then, if
+            needed, ``model.get_output_embeddings()``).
+        rule, delta_h, delta_f, levels: see :class:`~curvopt.SampleRejector`. ``levels``
+            defaults to ``("token",)`` with a head and to ``()`` (no rejection) without.
         top_k, fisher, direction, temperature, logit_scale, softcap: see
             :class:`~curvopt.CurvatureTracker` (the last three describe the policy your loss
-            optimises, ``softmax(φ(head(h)))``, e.g. ``temperature`` when it divides the logits).
+            optimises, ``softmax(φ(head(h)))``, e.g. ``temperature`` when it divides the logits;
+            the trust region measures that policy too).
         track_realised: after each step, measure the update's exact KL on the kept tokens
-            (``stats["policy_shift_realised"]``) beside its quadratic model
-            (``stats["policy_shift_step_model"]``): the head's (two logits products and a copy of
-            the head's parameters), or with ``params`` beyond the head the whole model's (a
-            forward before and after the step).
-        params, model: the parameters the quadratic model is over — ``"head"`` (the closed forms),
-            ``"all"`` of ``model``'s trainable parameters, or a list of modules/parameters of
-            ``model`` — see :class:`~curvopt.CurvatureTracker`. Beyond the head, ``select`` needs
-            ``forward`` and the candidates are exact but expensive (small models).
-        max_policy_shift: the curvature-aware step. After ``backward()``, ``step()`` predicts
-            the mean over kept tokens of the KL of the update about to be taken,
-            ``m = mean_t ½u_tᵀF_tu_t`` with ``u_t = J_tΔθ`` over the tracked parameters (one
-            forward-mode pass per micro-batch; weight decay and momentum included), and scales
-            every group's learning rate for this step by ``s = min(1, √(max_policy_shift / m))``
-            (the update is linear in the learning rate, so its predicted shift is ``s²·m``).
-            Reports ``stats["step_policy_shift"]`` (m) and ``stats["step_scale"]`` (s). With
-            ``levels=()`` nothing is rejected and ``select`` models no candidates: the step
-            alone, at the cost of that forward-mode pass.
-        step_reject_frac: with ``max_policy_shift``, before scaling a step whose predicted shift
-            exceeds the bound, reject at most this fraction (in ``[0, 1)``, rounded down per
-            ``select`` call) of each micro-batch's kept tokens: those whose own predicted KL under
-            the actual update, ``½u_tᵀF_tu_t``, is above ``max_policy_shift``, largest first. The
-            masks ``select`` returned are updated in place, and ``step(closure)`` is then required:
+            (``policy_shift_realised``) beside its quadratic model (``policy_shift_step_model``)
+            over the tracked parameters.
+        params, model: the parameters the quadratic models are over — ``"head"`` (the closed
+            forms), ``"all"`` of ``model``'s trainable parameters, or a list of modules/parameters
+            of ``model`` — see :class:`~curvopt.CurvatureTracker`. ``model`` is also the policy
+            the trust region runs ``forward`` on.
+        max_policy_shift: the trust region's bound on the mean per-token KL of the policy per
+            step, over the kept tokens; None: off. Default: ``"auto"`` —
+            :data:`~curvopt.settings.DEFAULT_MAX_POLICY_SHIFT` when built from the model alone,
+            None with a head.
+        shift_estimate: ``"measured"`` (default): the KL is measured exactly by no-grad forwards
+            of the step's micro-batches at trial points θ0 + s·Δθ (:mod:`curvopt.trust_region`;
+            any attention kernel, tied weights, LoRA, bf16, autocast, DDP, FSDP2; any optimizer:
+            SGD/Adam/AdamW are planned without stepping, others stepped with a copy of their
+            state kept until the step is accepted). ``"jvp"``: predicted, ``½ΔθᵀF̄Δθ`` over
+            ``params`` (one forward-mode pass per micro-batch beyond the head), and the step
+            scaled by ``min(1, √(max_policy_shift / m))``.
+        step_reject_frac: with the ``"jvp"`` estimate, before scaling a step whose predicted
+            shift exceeds the bound, reject at most this fraction (in ``[0, 1)``, rounded down
+            per ``select`` call) of each micro-batch's kept tokens whose own predicted KL under
+            the actual update, ``½u_tᵀF_tu_t``, is above the bound, largest first. The masks
+            ``select`` returned are updated in place, and ``step(closure)`` is then required:
             the closure must zero the gradients, recompute the loss with those masks (all
-            micro-batches) and call ``backward()``. CAPO calls it once, only when a token was
-            rejected (the inner step never does; ``step`` returns its loss, else None), and plans
-            the step again from the new gradients (a second forward-mode pass).
-            Reports ``stats["step_rejected"]`` (also counted in ``kept_tokens``/``rejected_frac``).
-        process_group: under ``torch.distributed`` (DDP: same head and optimizer state on every
-            rank), the batch level and every statistic cover the group's global batch (default:
-            the world), so all ranks take the same batch decision and the same skip decision;
-            ``select`` and ``step`` are then collectives. Token and sequence decisions are local.
+            micro-batches) and call ``backward()``; CAPO calls it once, only when a token was
+            rejected, and plans the step again. Reports ``stats["step_rejected"]``.
+        process_group: under ``torch.distributed`` (DDP, FSDP2: every rank steps the same
+            parameters), the batch level and every statistic cover the group's global batch
+            (default: the world), and the trust region's KL is the group's mean, so all ranks
+            take the same decisions; ``select`` and ``step`` are then collectives.
 
     Statistics (``opt.stats``, floats). A *window* is everything between two ``step()`` calls;
     the first ``select`` after a step starts a new one, so ``stats`` still describes the last
@@ -122,22 +139,26 @@ class CAPO(torch.optim.Optimizer):
       first level in ``levels``;
     - per level L: ``L_candidates``, ``L_rejected``, ``L_objective_shift_mean``,
       ``L_policy_shift_mean`` (levels after the first see only the survivors);
+    - with ``max_policy_shift``, after ``step()``: ``step_scale`` (0 for a step not taken),
+      ``step_policy_shift`` (the mean KL of the unscaled step: measured, or predicted with
+      ``"jvp"``) and, measured, ``policy_shift_realised`` (of the step taken) and
+      ``trust_region_trials`` (measurements, each one forward of every micro-batch);
     - with ``track_realised``, after ``step()``: ``policy_shift_realised``,
       ``policy_shift_step_model`` (means over the kept tokens).
 
     Lifetime counters (:data:`LIFETIME_STATS`), saved in ``state_dict``: ``steps`` (inner steps
-    taken) and ``skipped_steps``. :data:`STEP_STATS` lists the means and step measurements above.
+    taken) and ``skipped_steps`` (steps not taken: no token kept, non-finite gradients or KL).
     """
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        head: nn.Module,
+        head: nn.Module | None = None,
         *,
         rule: Rule = DEFAULTS.rule,
         delta_h: float = DEFAULTS.delta_h,
         delta_f: float = DEFAULTS.delta_f,
-        levels: Sequence[Level] = DEFAULTS.levels,
+        levels: Sequence[Level] | None = None,
         top_k: int | None = DEFAULTS.top_k,
         fisher: Fisher = DEFAULTS.fisher,
         direction: Direction = DEFAULTS.direction,
@@ -148,18 +169,26 @@ class CAPO(torch.optim.Optimizer):
         process_group: torch.distributed.ProcessGroup | None = None,
         params: str | Sequence[nn.Module | nn.Parameter] = "head",
         model: nn.Module | None = None,
-        max_policy_shift: float | None = DEFAULTS.max_policy_shift,
+        max_policy_shift: float | Literal["auto"] | None = "auto",
+        shift_estimate: ShiftEstimate = DEFAULTS.shift_estimate,
         step_reject_frac: float = DEFAULTS.step_reject_frac,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
+        if head is None and not isinstance(model, nn.Module):
+            raise TypeError(
+                "head, model: pass the model (CAPO(optimizer, model=model): the whole-policy "
+                "trust region) or the output layer (CAPO(optimizer, head=model.lm_head): token "
+                f"rejection); got head=None, model={type(model).__name__}"
+            )
+        form = DEFAULTS if head is not None else CAPOSettings(**MODEL_FORM)
         self.settings = settings = CAPOSettings(
             rule=rule,
             delta_h=delta_h,
             delta_f=delta_f,
-            levels=levels,
+            levels=form.levels if levels is None else levels,
             top_k=top_k,
             fisher=fisher,
             direction=direction,
@@ -167,39 +196,92 @@ class CAPO(torch.optim.Optimizer):
             logit_scale=logit_scale,
             softcap=softcap,
             track_realised=track_realised,
-            max_policy_shift=max_policy_shift,
+            max_policy_shift=(
+                form.max_policy_shift if max_policy_shift == "auto" else max_policy_shift
+            ),
+            shift_estimate=shift_estimate,
             step_reject_frac=step_reject_frac,
         )
         self.rejector = SampleRejector(
             settings.rule, settings.delta_h, settings.delta_f, settings.levels
         )
-        self.tracker = CurvatureTracker(
-            head,
-            optimizer,
-            top_k=settings.top_k,
-            fisher=settings.fisher,
-            direction=settings.direction,
-            temperature=settings.temperature,
-            logit_scale=settings.logit_scale,
-            softcap=settings.softcap,
-            process_group=process_group,
-            params=params,
-            model=model,
+        self.transform = LogitTransform(
+            settings.logit_scale, settings.softcap, settings.temperature
         )
+        bounded = settings.max_policy_shift is not None
+        measured = bounded and settings.shift_estimate == "measured"
+        needs_tracker = (
+            bool(settings.levels) or settings.track_realised or (bounded and not measured)
+        )
+        self.tracker: CurvatureTracker | None = None
+        if needs_tracker:
+            self.tracker = CurvatureTracker(
+                _output_layer(head, model, settings),
+                optimizer,
+                top_k=settings.top_k,
+                fisher=settings.fisher,
+                direction=settings.direction,
+                temperature=settings.temperature,
+                logit_scale=settings.logit_scale,
+                softcap=settings.softcap,
+                process_group=process_group,
+                params=params,
+                model=model,
+            )
+        policy = model if model is not None else head
+        assert policy is not None
+        self.model = policy
+        self.head = head if head is not None else _output_embeddings(model)
+        self.process_group = process_group
+        self.trust_region: TrustRegion | None = None
+        self.predicted: PredictedBound | None = None
+        if measured:
+            assert settings.max_policy_shift is not None
+            self.trust_region = TrustRegion(
+                settings.max_policy_shift, policy, self.transform,
+                head=self.head, process_group=process_group,
+            )  # fmt: skip
+        elif bounded:
+            assert self.tracker is not None and settings.max_policy_shift is not None
+            self.predicted = PredictedBound(
+                settings.max_policy_shift, self.tracker, settings.step_reject_frac
+            )
         base = unwrap_optimizer(optimizer)
         super().__init__([dict(g) for g in base.param_groups], base.defaults)
         self.optimizer = optimizer
         self._alias()
         self.track_realised = settings.track_realised
-        self.max_policy_shift = settings.max_policy_shift
         self.step_reject_frac = settings.step_reject_frac
         self._counters = dict.fromkeys(LIFETIME_STATS, 0)
         self._window: dict[str, Tensor] | None = None
         self._open = False
         # each select call's inputs, with mask = the tokens it kept (cleared in place by
-        # step_reject_frac)
+        # step_reject_frac), and what the trust region measures of it
         self._batches: list[Inputs] = []
+        self._measured: list[Measured] = []
         self._realised: dict[str, float] = {}
+        self._warned_unmeasured = False
+
+    @property
+    def max_policy_shift(self) -> float | None:
+        """The trust region's bound (None: off). Assignable between steps, e.g. to anneal it."""
+        region = self.trust_region if self.trust_region is not None else self.predicted
+        return None if region is None else region.bound
+
+    @max_policy_shift.setter
+    def max_policy_shift(self, value: float) -> None:
+        bound = check_positive(
+            "max_policy_shift", value.item() if isinstance(value, Tensor) else value
+        )
+        if self.trust_region is not None:
+            self.trust_region.search.bound = float(bound)
+        elif self.predicted is not None:
+            self.predicted.bound = float(bound)
+        else:
+            raise ValueError(
+                "max_policy_shift: this CAPO was built without a bound; pass max_policy_shift= "
+                "when building it"
+            )
 
     def _alias(self) -> None:
         self.param_groups = self.optimizer.param_groups
@@ -210,12 +292,15 @@ class CAPO(torch.optim.Optimizer):
         return self.__dict__.copy()
 
     def __repr__(self) -> str:
-        r = self.rejector
-        return (
-            f"CAPO(rule={r.rule!r}, delta_h={r.delta_h}, delta_f={r.delta_f}, levels={r.levels}, "
-            f"top_k={self.tracker.top_k}, fisher={self.tracker.fisher!r}, "
-            f"direction={self.tracker.direction!r},\n  {self.optimizer!r})"
-        )
+        s = self.settings
+        parts = [f"levels={s.levels}"]
+        if s.levels:
+            parts += [f"rule={s.rule!r}", f"delta_h={s.delta_h}", f"delta_f={s.delta_f}"]
+            parts += [f"top_k={s.top_k}", f"fisher={s.fisher!r}", f"direction={s.direction!r}"]
+        if s.max_policy_shift is not None:
+            parts += [f"max_policy_shift={s.max_policy_shift}"]
+            parts += [f"shift_estimate={s.shift_estimate!r}"]
+        return f"CAPO({', '.join(parts)},\n  {self.optimizer!r})"
 
     # ------------------------------------------------------------------ selection
 
@@ -233,25 +318,40 @@ class CAPO(torch.optim.Optimizer):
         """The tokens to train on: bool ``[B, T]``, a subset of ``mask``.
 
         Args:
-            hidden: ``[B, T, H]`` states entering the head for the completion tokens.
+            hidden: ``[B, T, H]`` states entering the head for the completion tokens (None when
+                nothing needs them: the trust region with ``forward``, whole-model tracking).
             actions: ``[B, T]`` sampled token ids.
             advantages: ``[B]`` or ``[B, T]``.
             mask: ``[B, T]`` completion mask (bool or 0/1).
-            logits: optional ``[B, T, V]`` head outputs for ``hidden`` (saves a logits product).
-            forward: with ``params`` beyond the head, a callable mapping the model to the raw
-                logits ``[B, T, V]`` of these completion tokens (then ``hidden`` may be None);
-                with ``max_policy_shift`` it is called again in ``step()``.
+            logits: optional ``[B, T, V]`` raw head outputs for these tokens (saves a logits
+                product; with the trust region, the policy before the step — kept by reference
+                until ``step()``).
+            forward: a callable mapping the model to the raw logits ``[B, T, V]`` of these
+                completion tokens (or a :class:`curvopt.HeadInput`). The trust region calls it
+                in ``step()`` at each trial point, with no gradient, under the autocast this call
+                ran in; whole-model tracking differentiates through it.
 
         With ``step_reject_frac``, ``step()`` may clear entries of the returned mask in place
         (the tokens it rejects); the closure passed to ``step`` reads it then.
 
         Bad inputs raise before any statistic changes. Several calls between two steps
-        (gradient accumulation) add up in ``stats``.
+        (gradient accumulation) add up in ``stats``. An empty micro-batch (no token) keeps
+        nothing and still takes part in the statistics' reduction over the process group.
         """
         inputs = Inputs(hidden, actions, advantages, mask, logits, forward)
-        selection = self.rejector.apply(self.tracker, self.tracker.prepare_inputs(inputs))
+        if self.tracker is not None:
+            selection = self.rejector.apply(self.tracker, self.tracker.prepare_inputs(inputs))
+        else:
+            selection = Selection(self._check(inputs).clone())
+        record = None
+        if self.trust_region is not None:
+            record = self.trust_region.record(
+                selection.keep, actions, hidden=hidden, logits=logits, forward=forward
+            )
         self._record(selection, mask)
-        if self.track_realised or self.max_policy_shift is not None:
+        if record is not None:
+            self._measured.append(record)
+        if self.track_realised or self.predicted is not None:
             self._batches.append(
                 Inputs(
                     None if hidden is None else hidden.detach(),
@@ -263,6 +363,28 @@ class CAPO(torch.optim.Optimizer):
             )
         return selection.keep
 
+    def _check(self, inputs: Inputs) -> Tensor:
+        """Validate ``inputs`` where no tracker does (the trust region alone); the bool mask."""
+        device = next(self.model.parameters()).device
+        mask = check_inputs(inputs, device)
+        vocab = None
+        if inputs.logits is not None:
+            vocab = vocab_size(inputs.logits)
+        elif isinstance(self.head, nn.Linear):
+            vocab = self.head.out_features
+        acts = inputs.actions[mask]
+        if vocab is not None and acts.numel() and (acts.min() < 0 or acts.max() >= vocab):
+            bad = acts[(acts < 0) | (acts >= vocab)][0].item()
+            raise ValueError(
+                f"actions: masked-in token id {bad} is outside the vocabulary [0, {vocab})"
+            )
+        if (
+            inputs.logits is not None
+            and not torch.isfinite(inputs.logits.sum(-1, dtype=torch.float64)[mask]).all()
+        ):
+            raise ValueError("logits: contains non-finite values at masked-in positions")
+        return mask
+
     def _record(self, selection: Selection, mask: Tensor) -> None:
         keep = selection.keep
         device = keep.device
@@ -270,7 +392,7 @@ class CAPO(torch.optim.Optimizer):
             "tokens": mask.bool().sum(),
             "kept_tokens": keep.sum(),
         }
-        group = self.tracker.process_group
+        group = self.process_group
         for i, (qm, accepted) in enumerate(selection.models):
             cand = qm.candidates
             # every rank holds the whole (global) batch candidate: count it once over the group
@@ -286,7 +408,7 @@ class CAPO(torch.optim.Optimizer):
         values = distributed.all_reduce_sum(values, group)
         if not self._open:
             self._window, self._open = {}, True
-            self._batches, self._realised = [], {}
+            self._batches, self._measured, self._realised = [], [], {}
         window = self._window
         assert window is not None
         for k, v in zip(keys, values):
@@ -316,7 +438,12 @@ class CAPO(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the optimizer contract
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
-        """Take the inner step, or skip it when the window's selections kept no token."""
+        """Take the inner step (scaled by the trust region), or skip it (see the class docstring).
+
+        With a bound, a ``closure`` is evaluated first, as ``torch.optim`` optimizers do, and the
+        step is planned from the gradients it leaves (``torch.optim.LBFGS``, which evaluates it
+        repeatedly, also gets it).
+        """
         if not _at_step_boundary(self.optimizer):
             # accelerate between accumulation boundaries: its step() does nothing, and the window
             # (statistics, skip decision, shadow moments) goes on to the real step
@@ -330,6 +457,7 @@ class CAPO(torch.optim.Optimizer):
             self._open = False
             return loss
         batches = self._batches if self._open else []
+        measured = self._measured if self._open else []
         if self.step_reject_frac > 0 and batches and closure is None:
             raise ValueError(
                 "closure: step_reject_frac needs step(closure), a closure that zeroes the "
@@ -337,89 +465,98 @@ class CAPO(torch.optim.Optimizer):
                 "backward()"
             )
         loss = None
-        self._realised = {}
-        if self.max_policy_shift is not None:
-            models, self._realised = self._plan_scale(batches)
-            if self.step_reject_frac > 0:
-                rejected = 0
-                if self._realised["step_policy_shift"] > self.max_policy_shift:
-                    rejected = self._reject_largest(batches, models)
-                if rejected:
-                    assert closure is not None  # required above
-                    with torch.enable_grad():
-                        loss = closure()
-                    _, self._realised = self._plan_scale(batches)
-                self._realised["step_rejected"] = float(rejected)
-                # the gradients are those of the kept tokens: the inner step must not recompute
+        if closure is not None and self.max_policy_shift is not None and not self.step_reject_frac:
+            with torch.enable_grad():
+                loss = closure()
+            if not isinstance(unwrap_optimizer(self.optimizer), torch.optim.LBFGS):
                 closure = None
-        scale = self._realised.get("step_scale", 1.0)
-        measure = self.track_realised and bool(batches)
-        before = self._snapshot(batches) if measure else None
-        lrs = [g["lr"] for g in self.param_groups]
-        if scale < 1.0:
-            for g in self.param_groups:
-                g["lr"] = g["lr"] * scale
-        try:
-            if closure is None:
-                self.optimizer.step()
-            else:
-                loss = self.optimizer.step(closure)
-        finally:
-            for g, lr in zip(self.param_groups, lrs):
-                g["lr"] = lr
-        self.tracker.observe_step()
-        self._counters["steps"] += 1
-        if before is not None:
-            self._realised.update(self._measure(batches, before))
-        self._batches = []
+        self._realised = {}
+        taken = True
+        before = self._snapshot(batches) if self.track_realised and batches else None
+        if self.trust_region is not None and measured:
+            result = self.trust_region.step(
+                self.optimizer, measured, lambda s: self._take_step(s, closure)
+            )
+            taken = not result.pop("skipped")
+            self._realised = result
+        else:
+            if self.trust_region is not None:
+                self._warn_unmeasured()
+            scale = 1.0
+            if self.predicted is not None:
+                loss, closure = self._predict(batches, closure, loss)
+                scale = self._realised["step_scale"]
+            out = self._take_step(scale, closure)
+            loss = out if closure is not None else loss
+        if taken:
+            if self.tracker is not None:
+                self.tracker.observe_step()
+            self._counters["steps"] += 1
+            if before is not None:
+                self._realised.update(self._measure(batches, before))
+        else:
+            self._counters["skipped_steps"] += 1
+        self._batches, self._measured = [], []
         self._open = False
         return loss
 
-    def _plan_scale(self, batches: list[Inputs]) -> tuple[list[QuadraticModel], dict[str, float]]:
-        """Each micro-batch's token model of the update about to be taken, its predicted mean KL,
-        and the learning-rate scale that brings it to ``max_policy_shift``."""
-        assert self.max_policy_shift is not None
-        total = torch.zeros(2, dtype=torch.float64, device=self.tracker.params[0].device)
-        models = []
-        for b in batches:
-            qm = self.tracker.step_model_of(b, fisher="true")
-            models.append(qm)
-            total += torch.stack([qm.policy_shift.sum(), b.mask.sum()]).to(total)
-        shift_sum, n = distributed.all_reduce_sum(total, self.tracker.process_group).tolist()
-        predicted = shift_sum / n if n else 0.0
-        scale = min(1.0, math.sqrt(self.max_policy_shift / predicted)) if predicted > 0 else 1.0
-        return models, {"step_policy_shift": predicted, "step_scale": scale}
+    def _take_step(self, scale: float, closure: Callable[[], float] | None = None) -> Any:
+        """The inner optimizer's step with every learning rate × ``scale`` (for this step)."""
+        lrs = [g["lr"] for g in self.param_groups]
+        if scale != 1.0:
+            for g in self.param_groups:
+                g["lr"] = g["lr"] * scale
+        try:
+            return self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        finally:
+            for g, lr in zip(self.param_groups, lrs):
+                g["lr"] = lr
 
-    @torch.no_grad()
-    def _reject_largest(self, batches: list[Inputs], models: list[QuadraticModel]) -> int:
-        """Clear, in each micro-batch's kept mask, up to ``step_reject_frac`` of its tokens whose
-        predicted KL exceeds the bound, largest first; the number cleared over the group."""
-        assert self.max_policy_shift is not None
-        count = torch.zeros(1, dtype=torch.float64, device=self.tracker.params[0].device)
-        for b, qm in zip(batches, models):
-            keep = b.mask
-            over = keep & (qm.policy_shift > self.max_policy_shift)
-            k = min(int(over.sum()), math.floor(self.step_reject_frac * int(keep.sum())))
-            if k:
-                shift = torch.where(over, qm.policy_shift, -math.inf).reshape(-1)
-                idx = torch.topk(shift, k).indices
-                keep[idx // keep.shape[1], idx % keep.shape[1]] = False
-                count += k
-        count = distributed.all_reduce_sum(count, self.tracker.process_group)
-        if self._window is not None:
-            self._window["kept_tokens"] = self._window["kept_tokens"] - count.to(
-                self._window["kept_tokens"]
+    def _predict(
+        self, batches: list[Inputs], closure: Callable[[], float] | None, loss: Any
+    ) -> tuple[Any, Callable[[], float] | None]:
+        """The jvp estimate's scale (in ``_realised``), after rejecting the largest-shift tokens
+        with ``step_reject_frac``; returns the loss and the closure left for the inner step."""
+        predicted = self.predicted
+        assert predicted is not None
+        models, self._realised = predicted.plan(batches)
+        if self.step_reject_frac > 0:
+            rejected = 0
+            if self._realised["step_policy_shift"] > predicted.bound:
+                rejected = predicted.reject_largest(batches, models)
+                if self._window is not None:
+                    kept = self._window["kept_tokens"]
+                    self._window["kept_tokens"] = kept - torch.tensor(float(rejected)).to(kept)
+            if rejected:
+                assert closure is not None  # required by step()
+                with torch.enable_grad():
+                    loss = closure()
+                _, self._realised = predicted.plan(batches)
+            self._realised["step_rejected"] = float(rejected)
+            # the gradients are those of the kept tokens: the inner step must not recompute
+            closure = None
+        return loss, closure
+
+    def _warn_unmeasured(self) -> None:
+        if not self._warned_unmeasured:
+            self._warned_unmeasured = True
+            warnings.warn(
+                "curvopt: step() without select() since the last step: the trust region has no "
+                "tokens to measure, so the step is taken unscaled",
+                RuntimeWarning,
+                stacklevel=3,
             )
-        return int(count.item())
 
     @torch.no_grad()
     def _snapshot(self, batches: list[Inputs]) -> list[Tensor]:
         """What the realised shift is measured against (see :meth:`Head.snapshot`)."""
+        assert self.tracker is not None
         return self.tracker.backend.snapshot(batches)
 
     @torch.no_grad()
     def _measure(self, batches: list[Inputs], before: list[Tensor]) -> dict[str, float]:
         """Mean exact KL of the step on the kept tokens, and its quadratic model."""
+        assert self.tracker is not None
         kls, quads = [], []
         for i, b in enumerate(batches):
             kl, quad = self.tracker.backend.measure(b, i, before)
@@ -428,7 +565,7 @@ class CAPO(torch.optim.Optimizer):
         n = sum(float(b.mask.sum()) for b in batches)
         sums = torch.stack([torch.stack(kls).sum(), torch.stack(quads).sum()]).to(torch.float64)
         sums = torch.cat([sums, sums.new_tensor([n])])
-        kl_sum, quad_sum, n = distributed.all_reduce_sum(sums, self.tracker.process_group).tolist()
+        kl_sum, quad_sum, n = distributed.all_reduce_sum(sums, self.process_group).tolist()
         return {
             "policy_shift_realised": kl_sum / n if n else 0.0,
             "policy_shift_step_model": quad_sum / n if n else 0.0,
@@ -449,7 +586,11 @@ class CAPO(torch.optim.Optimizer):
         A bare optimizer of the same class can load it (it ignores the extra key).
         """
         state = self.optimizer.state_dict()
-        state["capo"] = {"counters": dict(self._counters), "tracker": self.tracker.state_dict()}
+        own: dict[str, Any] = {"counters": dict(self._counters)}
+        own["tracker"] = {} if self.tracker is None else self.tracker.state_dict()
+        if self.trust_region is not None:
+            own["trust_region"] = self.trust_region.search.state_dict()
+        state["capo"] = own
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -459,7 +600,44 @@ class CAPO(torch.optim.Optimizer):
         self._alias()
         if own is not None:
             self._counters.update(own["counters"])
-            self.tracker.load_state_dict(own["tracker"])
+            if self.tracker is not None:
+                self.tracker.load_state_dict(own["tracker"])
+            if self.trust_region is not None and "trust_region" in own:
+                self.trust_region.search.load_state_dict(own["trust_region"])
+
+
+def _output_embeddings(model: nn.Module | None) -> nn.Module | None:
+    """``model``'s output layer, when it has one (transformers' ``get_output_embeddings``)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def _output_layer(
+    head: nn.Module | None, model: nn.Module | None, settings: CAPOSettings
+) -> nn.Module:
+    """The head the quadratic models are built on: ``head``, else the model's output layer."""
+    why = (
+        f"token rejection (levels={settings.levels})"
+        if settings.levels
+        else "track_realised"
+        if settings.track_realised
+        else "shift_estimate='jvp'"
+    )
+    layer = head if head is not None else _output_embeddings(model)
+    if layer is None:
+        raise TypeError(
+            f"head: {why} models the output layer; pass head= (the model has no "
+            "get_output_embeddings())"
+        )
+    if not any(p.requires_grad for p in layer.parameters()):
+        raise ValueError(
+            f"head: {why} models the output layer's update, but the output layer is frozen (no "
+            "trainable parameter, e.g. a LoRA model). Bound the whole policy instead: "
+            "CAPO(optimizer, model=model, levels=(), max_policy_shift=...) measures it with "
+            "any trainable parameters"
+        )
+    return layer
 
 
 def _at_step_boundary(optimizer: torch.optim.Optimizer) -> bool:

@@ -31,9 +31,12 @@ from .validation import (
 
 __all__ = [
     "DEFAULTS",
+    "DEFAULT_MAX_POLICY_SHIFT",
+    "MODEL_FORM",
     "CAPOSettings",
     "Direction",
     "Rule",
+    "ShiftEstimate",
     "check",
     "help_text",
     "option_types",
@@ -42,7 +45,12 @@ __all__ = [
 
 Rule = Literal["theorem", "symmetric"]
 Direction = Literal["exact", "frozen", "shadow"]
+ShiftEstimate = Literal["measured", "jvp"]
 Check = Callable[[str, Any], Any]
+
+#: The bound on the policy's mean per-token KL per step that ``CAPO(optimizer, model=model)``
+#: applies when none is given (docs/results.md says where it comes from).
+DEFAULT_MAX_POLICY_SHIFT = 1e-3
 
 
 def _meta(check: Check, help: str) -> dict[str, Any]:
@@ -154,9 +162,20 @@ class CAPOSettings:
         default=None,
         metadata=_meta(
             check_positive_bound,
-            "The curvature-aware step: scale each step's learning rate so that the predicted mean "
-            "KL of the update about to be taken, over the kept tokens, stays within this bound "
-            "(step_policy_shift, step_scale). None: off.",
+            "The trust region: the bound on the policy's mean per-token KL of each optimizer step, "
+            "over the kept tokens. Each step is taken at the scale s ≤ 1 of its update that keeps "
+            "the KL within the bound (step_scale; step_policy_shift is the KL of the whole step, "
+            "policy_shift_realised that of the step taken). None: off.",
+        ),
+    )
+    shift_estimate: ShiftEstimate = field(
+        default="measured",
+        metadata=_meta(
+            _choice(ShiftEstimate),
+            "How the step's KL is known. 'measured': exactly, by forwards of the step's own "
+            "micro-batches at trial points (the whole policy, any model, kernel, optimizer or "
+            "sharding). 'jvp': predicted by the quadratic model ½ΔθᵀF̄Δθ of the tracked "
+            "parameters (the head's closed forms, or one forward-mode pass over the model).",
         ),
     )
     step_reject_frac: float = field(
@@ -178,9 +197,18 @@ class CAPOSettings:
                 "step_reject_frac: rejects tokens of the step that max_policy_shift would scale; "
                 "set max_policy_shift too"
             )
+        if self.step_reject_frac > 0 and self.shift_estimate != "jvp":
+            raise ValueError(
+                "step_reject_frac: needs each token's predicted KL under the step, "
+                "shift_estimate='jvp'"
+            )
 
 
 DEFAULTS = CAPOSettings()
+#: Defaults of the options that depend on how CAPO is built: from the model alone
+#: (``CAPO(optimizer, model=model)``, the whole-policy trust region) they are these; with a head
+#: (``CAPO(optimizer, head=...)``, the paper's token rejection) they are :data:`DEFAULTS`'.
+MODEL_FORM: dict[str, Any] = {"levels": (), "max_policy_shift": DEFAULT_MAX_POLICY_SHIFT}
 _FIELDS = {f.name: f for f in fields(CAPOSettings)}
 
 
@@ -217,5 +245,8 @@ def options_table() -> str:
     for f in fields(CAPOSettings):
         assert f.default is not MISSING
         meaning = help_text(f.name).replace("|", "\\|")
-        rows.append(f"| `{f.name}` | {_type_name(types[f.name])} | `{f.default!r}` | {meaning} |")
+        default = f"`{f.default!r}`"
+        if f.name in MODEL_FORM:
+            default = f"{default} with a head, `{MODEL_FORM[f.name]!r}` from the model alone"
+        rows.append(f"| `{f.name}` | {_type_name(types[f.name])} | {default} | {meaning} |")
     return "\n".join(rows) + "\n"

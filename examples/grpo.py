@@ -295,6 +295,7 @@ def make_optimizer(model: PreTrainedModel, run: Run, cfg: Config) -> torch.optim
         params=cfg.capo_params,
         model=model,
         max_policy_shift=cfg.max_policy_shift if step else None,
+        shift_estimate="jvp",
         step_reject_frac=cfg.step_reject_frac if step else 0.0,
     )
 

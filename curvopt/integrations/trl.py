@@ -325,7 +325,8 @@ class CAPOGRPOTrainer(GRPOTrainer):
         # the state at position t predicts token t + 1: the completion's states end one early
         hidden = torch.cat(captured)[:, -logits_to_keep - 1 : -1]
         capo = self._capo
-        hidden = hidden.to(capo.tracker.params[0].device)  # as TRL does with a split model
+        # onto the head's device, as TRL does with a split model
+        hidden = hidden.to(self._policy().get_output_embeddings().weight.device)
         keep = capo.select(hidden, batch.actions, batch.advantages, batch.loss_mask.bool())
         batch.loss_mask.mul_(keep)
         return out

@@ -98,14 +98,54 @@ class TrustRegion:
         model: nn.Module,
         transform: LogitTransform,
         *,
+        head: nn.Module | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
         search: Search | None = None,
     ) -> None:
         self.search = search if search is not None else Search(bound)
         self.model = model
+        self.head = head
         self.transform = transform
         self.process_group = process_group
         self._warned_dropout = False
+
+    @torch.no_grad()
+    def record(
+        self,
+        keep: Tensor,
+        actions: Tensor,
+        *,
+        hidden: Tensor | None = None,
+        logits: Tensor | None = None,
+        forward: Forward | None = None,
+    ) -> Measured:
+        """What measuring a micro-batch needs, from what ``select`` was given.
+
+        The policy before the step: ``logits`` (kept by reference), else ``hidden`` through a
+        linear ``head`` (``[B, T, H]`` kept, the logits formed in chunks when measured), else
+        ``forward(model)`` now. After it: ``forward(model)`` at each trial point, else the head
+        on ``hidden`` (the output layer's share alone: the states entering it are held fixed).
+        """
+        head = self.head
+        if forward is None:
+            if hidden is None or head is None:
+                raise TypeError(
+                    "forward: the trust region measures the policy after the step; pass "
+                    "forward=, a callable mapping the model to the completion logits [B, T, V]"
+                )
+            forward = _head_forward(head, hidden.detach())
+        before: PolicyOutput
+        if logits is not None:
+            before = logits.detach()
+        elif hidden is not None and isinstance(head, nn.Linear):
+            before = HeadInput(hidden.detach(), head.weight, head.bias)
+        else:
+            with _autocast(autocast_state()):
+                before = forward(_unwrap(self.model))
+            _check_output(before, keep)
+            if isinstance(before, Tensor):
+                before = before.detach()
+        return Measured(keep, actions.detach(), before, forward, autocast_state())
 
     @property
     def bound(self) -> float:
@@ -211,7 +251,11 @@ class TrustRegion:
         model = _unwrap(self.model)
         total = torch.zeros(2, dtype=torch.float64)
         device = None
+        # FSDP's forwards gather parameters from every rank: each rank runs each of its forwards
+        collective = bool(_fsdp_modules(self.model))
         for b in batches:
+            if not b.tokens and not collective:
+                continue
             with _autocast(b.autocast):
                 after = b.forward(model)
             _check_output(after, b.keep)
@@ -222,6 +266,13 @@ class TrustRegion:
             device = next(model.parameters()).device
         kl_sum, n = distributed.all_reduce_sum(total.to(device), self.process_group).tolist()
         return kl_sum / n if n else 0.0
+
+
+def _head_forward(head: nn.Module, hidden: Tensor) -> Forward:
+    """The policy as ``head`` on fixed input states: a :class:`HeadInput` for a linear head."""
+    if isinstance(head, nn.Linear):
+        return lambda _: HeadInput(hidden, head.weight, head.bias)
+    return lambda _: head(hidden)
 
 
 def _at_start(out: PolicyOutput, txn: Transaction) -> PolicyOutput:

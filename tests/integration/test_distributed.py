@@ -173,7 +173,7 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(setting, monkeypa
 def test_rejection_before_scaling_is_local_and_its_closure_global(monkeypatch):
     """Each rank rejects among its own tokens; all ranks re-evaluate together (DDP's backward is
     a collective) when any rank rejected, and scale by the global prediction."""
-    setting = dict(levels=(), max_policy_shift=1e-5, step_reject_frac=0.25)
+    setting = dict(levels=(), max_policy_shift=1e-5, shift_estimate="jvp", step_reject_frac=0.25)
     batches = [make_batch(i, B=4) for i in range(3)]
     model, opt = make(setting)
     single = [split_step(model, opt, b) for b in batches]

@@ -7,9 +7,16 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 from curvopt import CAPO, CurvatureTracker, SampleRejector
-from curvopt.settings import DEFAULTS, CAPOSettings, options_table
+from curvopt.settings import (
+    DEFAULT_MAX_POLICY_SHIFT,
+    DEFAULTS,
+    MODEL_FORM,
+    CAPOSettings,
+    options_table,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,7 +27,21 @@ def test_signature_defaults_are_the_declared_ones(cls):
     shared = [f.name for f in fields(CAPOSettings) if f.name in parameters]
     assert shared
     for name in shared:
+        if cls is CAPO and name in MODEL_FORM:
+            continue  # resolved by the form CAPO is built in: see the next test
         assert parameters[name].default == getattr(DEFAULTS, name), name
+
+
+def test_capo_defaults_follow_the_form_it_is_built_in():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 5))
+    opt = torch.optim.AdamW(model.parameters())
+    with_head = CAPO(opt, head=model[1]).settings
+    assert (with_head.levels, with_head.max_policy_shift) == (("token",), None)
+    alone = CAPO(opt, model=model).settings
+    assert (alone.levels, alone.max_policy_shift) == ((), DEFAULT_MAX_POLICY_SHIFT)
+    assert {k: getattr(alone, k) for k in MODEL_FORM} == MODEL_FORM
+    explicit = CAPO(opt, model=model, levels=(), max_policy_shift=None).settings
+    assert explicit.max_policy_shift is None
 
 
 def test_capo_takes_every_option():

@@ -1,4 +1,5 @@
-"""CAPO's curvature-aware step (max_policy_shift) and whole-model tracking through the wrapper."""
+"""CAPO's predicted trust region (max_policy_shift with shift_estimate="jvp") and whole-model
+tracking through the wrapper."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def test_a_loose_bound_changes_nothing(params):
         torch.optim.AdamW(b.parameters(), lr=1e-2),
         head=b.lm_head,
         max_policy_shift=1e300,
+        shift_estimate="jvp",
         **kw,
         **ACCEPT_ALL,
     )
@@ -72,6 +74,7 @@ def test_the_step_is_scaled_to_the_bound_and_the_realised_kl_follows(params):
         torch.optim.AdamW(model.parameters(), lr=3e-2),
         head=model.lm_head,
         max_policy_shift=1e-5,
+        shift_estimate="jvp",
         track_realised=True,
         **kw,
         **ACCEPT_ALL,
@@ -103,6 +106,7 @@ def test_no_levels_is_the_step_alone(params):
             torch.optim.AdamW(model.parameters(), lr=3e-2),
             head=model.lm_head,
             max_policy_shift=1e-5,
+            shift_estimate="jvp",
             **extra,
             **kw,
         )
@@ -164,6 +168,7 @@ def test_head_controller_with_the_tiny_policy_keeps_scheduler_lr():
         torch.optim.AdamW(model.parameters(), lr=0.1),
         head=model.lm_head,
         max_policy_shift=1e-6,
+        shift_estimate="jvp",
         **ACCEPT_ALL,
     )
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
@@ -188,6 +193,7 @@ def make_capo(model, params, **kw):
         torch.optim.AdamW(model.parameters(), lr=3e-2),
         head=model.lm_head,
         max_policy_shift=1e-5,
+        shift_estimate="jvp",
         **extra,
         **ACCEPT_ALL,
         **kw,
@@ -307,6 +313,7 @@ def test_bad_rejection_fractions_are_rejected(frac):
             torch.optim.AdamW(model.parameters()),
             head=model.lm_head,
             max_policy_shift=1e-3,
+            shift_estimate="jvp",
             step_reject_frac=frac,
         )
 

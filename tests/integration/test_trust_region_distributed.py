@@ -1,0 +1,146 @@
+"""The measured trust region under DDP and FSDP2 (2 gloo processes on CPU): the same scales,
+measured KL and parameters as one process stepping on both shards as two micro-batches."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from models import TinyLM
+from torch.nn.parallel import DistributedDataParallel
+
+from curvopt import CAPO
+
+WORLD = 2
+BOUND = 2e-4
+STATS = ("step_scale", "step_policy_shift", "policy_shift_realised", "trust_region_trials")
+
+
+def batches(steps: int = 3, B: int = 4, T: int = 5) -> list[dict]:
+    out = []
+    for i in range(steps):
+        g = torch.Generator().manual_seed(i)
+        out.append(
+            {
+                "x": torch.randn(B, T, 3, generator=g),
+                "actions": torch.randint(0, 5, (B, T), generator=g),
+                "advantages": torch.randn(B, generator=g),
+                "mask": torch.rand(B, T, generator=g) < 0.8,
+            }
+        )
+    return out
+
+
+def shard(batch: dict, rank: int) -> dict:
+    half = batch["x"].shape[0] // WORLD
+    return {k: v[rank * half : (rank + 1) * half] for k, v in batch.items()}
+
+
+def make():
+    torch.manual_seed(0)
+    model = TinyLM(D=3, H=16, V=5)
+    return model
+
+
+def capo(model, optimizer):
+    return CAPO(optimizer, model=model, levels=(), max_policy_shift=BOUND)
+
+
+def micro_step(model, opt, part: dict, total_tokens, scale: float) -> None:
+    """select and backward of one micro-batch; its loss is its share of the token mean."""
+    x = part["x"]
+    logits = model(x)
+    keep = opt.select(
+        None, part["actions"], part["advantages"], part["mask"],
+        logits=logits, forward=lambda m: m(x),
+    )  # fmt: skip
+    logp = torch.log_softmax(logits, -1).gather(-1, part["actions"].unsqueeze(-1)).squeeze(-1)
+    loss = -(logp * part["advantages"][:, None] * keep).sum() / total_tokens
+    (loss * scale).backward()
+
+
+def single_process() -> tuple[list[dict], list[torch.Tensor]]:
+    model = make()
+    opt = capo(model, torch.optim.AdamW(model.parameters(), lr=3e-2))
+    out = []
+    for batch in batches():
+        total = batch["mask"].sum()
+        for r in range(WORLD):
+            micro_step(model, opt, shard(batch, r), total, 1.0)
+        opt.step()
+        opt.zero_grad()
+        out.append({k: opt.stats[k] for k in STATS})
+    return out, [p.detach().clone() for p in model.parameters()]
+
+
+def worker(rank: int, init: str, kind: str, path: str) -> None:
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    model = make()
+    if kind == "ddp":
+        wrapped = DistributedDataParallel(model)
+        opt = capo(wrapped, torch.optim.AdamW(model.parameters(), lr=3e-2))
+        forward_model = wrapped
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model.body[0])
+        fully_shard(model.lm_head)
+        fully_shard(model)
+        opt = capo(model, torch.optim.AdamW(model.parameters(), lr=3e-2))
+        forward_model = model
+    out = []
+    for batch in batches():
+        # gradients are averaged over the ranks: each rank's loss is WORLD × its share
+        micro_step(forward_model, opt, shard(batch, rank), batch["mask"].sum(), float(WORLD))
+        opt.step()
+        opt.zero_grad()
+        out.append({k: opt.stats[k] for k in STATS})
+    params = [
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for p in model.parameters()
+    ]
+    torch.save({"stats": out, "params": params}, f"{path}.{rank}")
+    if kind == "ddp":
+        del wrapped
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(kind: str, monkeypatch) -> list[dict]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    support = os.path.join(os.path.dirname(here), "support")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([here, support, os.environ.get("PYTHONPATH", "")])
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        init = f"tcp://127.0.0.1:{free_port()}"
+        path = os.path.join(tmp, "out")
+        mp.spawn(worker, args=(init, kind, path), nprocs=WORLD, join=True)
+        return [torch.load(f"{path}.{r}", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_two_ranks_take_the_steps_of_one_process(kind, monkeypatch):
+    single, params = single_process()
+    assert any(s["step_scale"] < 1 for s in single)  # the bound is active
+    ranks = run_ranks(kind, monkeypatch)
+    for rank in ranks:
+        for mine, want in zip(rank["stats"], single, strict=True):
+            assert mine["trust_region_trials"] == want["trust_region_trials"]
+            for k in STATS[:3]:
+                assert mine[k] == pytest.approx(want[k], rel=1e-4), k
+        for p, q in zip(rank["params"], params, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
