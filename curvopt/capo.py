@@ -17,10 +17,11 @@ from .quadratic import Fisher, Level
 from .rejector import SampleRejector, Selection
 from .settings import DEFAULTS, MODEL_FORM, CAPOSettings, Direction, Rule, ShiftEstimate
 from .tracker import CurvatureTracker
-from .trust_region import Measured, TrustRegion
+from .trust_region import TrustRegion
 from .trust_region.kl import vocab_size
 from .trust_region.predicted import PredictedBound
 from .validation import check_inputs, check_positive
+from .window import Window
 
 __all__ = ["CAPO", "LIFETIME_STATS", "STEP_STATS"]
 
@@ -253,13 +254,9 @@ class CAPO(torch.optim.Optimizer):
         self.track_realised = settings.track_realised
         self.step_reject_frac = settings.step_reject_frac
         self._counters = dict.fromkeys(LIFETIME_STATS, 0)
-        self._window: dict[str, Tensor] | None = None
-        self._open = False
-        # each select call's inputs, with mask = the tokens it kept (cleared in place by
-        # step_reject_frac), and what the trust region measures of it
-        self._batches: list[Inputs] = []
-        self._measured: list[Measured] = []
-        self._realised: dict[str, float] = {}
+        # each select call's counts and inputs (mask = the tokens it kept, cleared in place by
+        # step_reject_frac), what the trust region measures of it, and the step's measurements
+        self._window = Window(process_group)
         self._warned_unmeasured = False
 
     @property
@@ -348,11 +345,12 @@ class CAPO(torch.optim.Optimizer):
             record = self.trust_region.record(
                 selection.keep, actions, hidden=hidden, logits=logits, forward=forward
             )
-        self._record(selection, mask)
+        window = self._window
+        window.add(selection, mask)
         if record is not None:
-            self._measured.append(record)
+            window.measured.append(record)
         if self.track_realised or self.predicted is not None:
-            self._batches.append(
+            window.batches.append(
                 Inputs(
                     None if hidden is None else hidden.detach(),
                     actions.detach(),
@@ -385,55 +383,11 @@ class CAPO(torch.optim.Optimizer):
             raise ValueError("logits: contains non-finite values at masked-in positions")
         return mask
 
-    def _record(self, selection: Selection, mask: Tensor) -> None:
-        keep = selection.keep
-        device = keep.device
-        add: dict[str, Tensor] = {
-            "tokens": mask.bool().sum(),
-            "kept_tokens": keep.sum(),
-        }
-        group = self.process_group
-        for i, (qm, accepted) in enumerate(selection.models):
-            cand = qm.candidates
-            # every rank holds the whole (global) batch candidate: count it once over the group
-            share = 1.0 / distributed.world_size(group) if qm.level == "batch" else 1.0
-            prefix = [qm.level + "_"] if i else ["", qm.level + "_"]
-            for p in prefix:
-                add[p + "candidates"] = cand.sum() * share
-                add[p + "objective_shift_sum"] = qm.objective_shift[cand].sum() * share
-                add[p + "policy_shift_sum"] = qm.policy_shift[cand].sum() * share
-            add[qm.level + "_rejected"] = (cand & ~accepted).sum() * share
-        keys = list(add)
-        values = torch.stack([add[k].to(device=device, dtype=torch.float64) for k in keys])
-        values = distributed.all_reduce_sum(values, group)
-        if not self._open:
-            self._window, self._open = {}, True
-            self._batches, self._measured, self._realised = [], [], {}
-        window = self._window
-        assert window is not None
-        for k, v in zip(keys, values):
-            window[k] = window[k] + v if k in window else v
-
     @property
     def stats(self) -> dict[str, float]:
         """Statistics of the current window and lifetime counters (see the class docstring)."""
         out: dict[str, float] = {k: float(v) for k, v in self._counters.items()}
-        w = {k: float(v) for k, v in (self._window or {}).items()}
-        if w:
-            tokens = w["tokens"]
-            out["tokens"], out["kept_tokens"] = tokens, w["kept_tokens"]
-            out["rejected_frac"] = 1.0 - w["kept_tokens"] / tokens if tokens else 0.0
-            for key in list(w):
-                if key.endswith("candidates"):
-                    prefix = key[: -len("candidates")]
-                    n = w[key]
-                    if prefix:
-                        out[key] = n
-                        out[prefix + "rejected"] = w[prefix + "rejected"]
-                    for name in ("objective_shift", "policy_shift"):
-                        out[f"{prefix}{name}_mean"] = w[f"{prefix}{name}_sum"] / n if n else 0.0
-        out.update(self._realised)
-        return out
+        return out | self._window.stats()
 
     # ------------------------------------------------------------------ the optimizer contract
 
@@ -448,16 +402,17 @@ class CAPO(torch.optim.Optimizer):
             # accelerate between accumulation boundaries: its step() does nothing, and the window
             # (statistics, skip decision, shadow moments) goes on to the real step
             return self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        if self._open and self._window is not None and float(self._window["kept_tokens"]) == 0:
+        window = self._window
+        if window.kept_nothing:
             loss = None
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
             self._counters["skipped_steps"] += 1
-            self._open = False
+            window.close()
             return loss
-        batches = self._batches if self._open else []
-        measured = self._measured if self._open else []
+        batches = window.batches if window.open else []
+        measured = window.measured if window.open else []
         if self.step_reject_frac > 0 and batches and closure is None:
             raise ValueError(
                 "closure: step_reject_frac needs step(closure), a closure that zeroes the "
@@ -470,7 +425,7 @@ class CAPO(torch.optim.Optimizer):
                 loss = closure()
             if not isinstance(unwrap_optimizer(self.optimizer), torch.optim.LBFGS):
                 closure = None
-        self._realised = {}
+        window.step = {}
         taken = True
         before = self._snapshot(batches) if self.track_realised and batches else None
         if self.trust_region is not None and measured:
@@ -478,14 +433,14 @@ class CAPO(torch.optim.Optimizer):
                 self.optimizer, measured, lambda s: self._take_step(s, closure)
             )
             taken = not result.pop("skipped")
-            self._realised = result
+            window.step = result
         else:
             if self.trust_region is not None:
                 self._warn_unmeasured()
             scale = 1.0
             if self.predicted is not None:
                 loss, closure = self._predict(batches, closure, loss)
-                scale = self._realised["step_scale"]
+                scale = window.step["step_scale"]
             out = self._take_step(scale, closure)
             loss = out if closure is not None else loss
         if taken:
@@ -493,11 +448,10 @@ class CAPO(torch.optim.Optimizer):
                 self.tracker.observe_step()
             self._counters["steps"] += 1
             if before is not None:
-                self._realised.update(self._measure(batches, before))
+                window.step.update(self._measure(batches, before))
         else:
             self._counters["skipped_steps"] += 1
-        self._batches, self._measured = [], []
-        self._open = False
+        window.close()
         return loss
 
     def _take_step(self, scale: float, closure: Callable[[], float] | None = None) -> Any:
@@ -515,24 +469,23 @@ class CAPO(torch.optim.Optimizer):
     def _predict(
         self, batches: list[Inputs], closure: Callable[[], float] | None, loss: Any
     ) -> tuple[Any, Callable[[], float] | None]:
-        """The jvp estimate's scale (in ``_realised``), after rejecting the largest-shift tokens
-        with ``step_reject_frac``; returns the loss and the closure left for the inner step."""
-        predicted = self.predicted
+        """The jvp estimate's scale (in the window's step statistics), after rejecting the
+        largest-shift tokens with ``step_reject_frac``; returns the loss and the closure left for
+        the inner step."""
+        predicted, window = self.predicted, self._window
         assert predicted is not None
-        models, self._realised = predicted.plan(batches)
+        models, window.step = predicted.plan(batches)
         if self.step_reject_frac > 0:
             rejected = 0
-            if self._realised["step_policy_shift"] > predicted.bound:
+            if window.step["step_policy_shift"] > predicted.bound:
                 rejected = predicted.reject_largest(batches, models)
-                if self._window is not None:
-                    kept = self._window["kept_tokens"]
-                    self._window["kept_tokens"] = kept - torch.tensor(float(rejected)).to(kept)
+                window.unkeep(rejected)
             if rejected:
                 assert closure is not None  # required by step()
                 with torch.enable_grad():
                     loss = closure()
-                _, self._realised = predicted.plan(batches)
-            self._realised["step_rejected"] = float(rejected)
+                _, window.step = predicted.plan(batches)
+            window.step["step_rejected"] = float(rejected)
             # the gradients are those of the kept tokens: the inner step must not recompute
             closure = None
         return loss, closure
