@@ -9,9 +9,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import distributed
+from . import contract
 from .inputs import Forward, Inputs
 from .optimizers import unwrap_optimizer
+from .optimizers.shadow import ShadowWatch
+from .optimizers.support import check_modelled
+from .output_layer import modelled_by, output_embeddings, output_layer
 from .policy import LogitTransform
 from .quadratic import Fisher, Level
 from .rejector import SampleRejector, Selection
@@ -151,6 +154,10 @@ class CAPO(torch.optim.Optimizer):
     taken) and ``skipped_steps`` (steps not taken: no token kept, non-finite gradients or KL).
     """
 
+    # torch.amp.GradScaler steps CAPO even when the gradients are not finite, with found_inf and
+    # grad_scale set on it (contract.amp_step): so a skipped step closes its window
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -217,7 +224,7 @@ class CAPO(torch.optim.Optimizer):
         self.tracker: CurvatureTracker | None = None
         if needs_tracker:
             self.tracker = CurvatureTracker(
-                _output_layer(head, model, settings),
+                output_layer(head, model, settings),
                 optimizer,
                 top_k=settings.top_k,
                 fisher=settings.fisher,
@@ -232,7 +239,7 @@ class CAPO(torch.optim.Optimizer):
         policy = model if model is not None else head
         assert policy is not None
         self.model = policy
-        self.head = head if head is not None else _output_embeddings(model)
+        self.head = head if head is not None else output_embeddings(model)
         self.process_group = process_group
         self.trust_region: TrustRegion | None = None
         self.predicted: PredictedBound | None = None
@@ -248,6 +255,12 @@ class CAPO(torch.optim.Optimizer):
                 settings.max_policy_shift, self.tracker, settings.step_reject_frac
             )
         base = unwrap_optimizer(optimizer)
+        why = modelled_by(settings)
+        if why is not None and settings.direction != "shadow":
+            check_modelled(base, why)
+        self._shadow: ShadowWatch | None = None
+        if self.tracker is not None and self.tracker.shadow is not None:
+            self._shadow = ShadowWatch(self.tracker.shadow)
         super().__init__([dict(g) for g in base.param_groups], base.defaults)
         self.optimizer = optimizer
         self._alias()
@@ -394,18 +407,32 @@ class CAPO(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         """Take the inner step (scaled by the trust region), or skip it (see the class docstring).
 
-        With a bound, a ``closure`` is evaluated first, as ``torch.optim`` optimizers do, and the
-        step is planned from the gradients it leaves (``torch.optim.LBFGS``, which evaluates it
-        repeatedly, also gets it).
+        A ``closure`` is evaluated first, as ``torch.optim`` optimizers do, and the step is
+        decided and planned from the selections and gradients it leaves (``torch.optim.LBFGS``,
+        which evaluates it repeatedly, also gets it; with ``step_reject_frac`` it is evaluated
+        only when a token is rejected). Under ``torch.amp.GradScaler`` (CAPO handles its
+        ``found_inf``/``grad_scale`` itself), a step with non-finite gradients is skipped: its
+        window closes, so the next step counts and plans only its own micro-batches.
         """
-        if not _at_step_boundary(self.optimizer):
+        if not contract.at_step_boundary(self.optimizer):
             # accelerate between accumulation boundaries: its step() does nothing, and the window
             # (statistics, skip decision, shadow moments) goes on to the real step
             return self.optimizer.step() if closure is None else self.optimizer.step(closure)
         window = self._window
+        if contract.amp_step(self):
+            self._counters["skipped_steps"] += 1
+            window.close()
+            return None
+        loss = None
+        lbfgs = isinstance(unwrap_optimizer(self.optimizer), torch.optim.LBFGS)
+        if closure is not None and not self.step_reject_frac:
+            if not lbfgs or self.max_policy_shift is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not lbfgs:
+                closure = None
         if window.kept_nothing:
-            loss = None
-            if closure is not None:
+            if closure is not None and loss is None:
                 with torch.enable_grad():
                     loss = closure()
             self._counters["skipped_steps"] += 1
@@ -419,15 +446,12 @@ class CAPO(torch.optim.Optimizer):
                 "gradients, recomputes the loss with the masks select() returned and calls "
                 "backward()"
             )
-        loss = None
-        if closure is not None and self.max_policy_shift is not None and not self.step_reject_frac:
-            with torch.enable_grad():
-                loss = closure()
-            if not isinstance(unwrap_optimizer(self.optimizer), torch.optim.LBFGS):
-                closure = None
         window.step = {}
         taken = True
-        before = self._snapshot(batches) if self.track_realised and batches else None
+        track = self.tracker is not None and self.track_realised and bool(batches)
+        before = self.tracker.snapshot(batches) if track and self.tracker else None
+        if self._shadow is not None:
+            self._shadow.before()
         if self.trust_region is not None and measured:
             result = self.trust_region.step(
                 self.optimizer, measured, lambda s: self._take_step(s, closure)
@@ -443,12 +467,15 @@ class CAPO(torch.optim.Optimizer):
                 scale = window.step["step_scale"]
             out = self._take_step(scale, closure)
             loss = out if closure is not None else loss
+        taken = taken and not contract.inner_step_skipped(self.optimizer)
         if taken:
+            if self._shadow is not None:
+                self._shadow.after(window.step.get("step_scale", 1.0))
             if self.tracker is not None:
                 self.tracker.observe_step()
             self._counters["steps"] += 1
-            if before is not None:
-                window.step.update(self._measure(batches, before))
+            if self.tracker is not None and before is not None and batches:
+                window.step.update(self.tracker.realised_step(batches, before))
         else:
             self._counters["skipped_steps"] += 1
         window.close()
@@ -500,30 +527,6 @@ class CAPO(torch.optim.Optimizer):
                 stacklevel=3,
             )
 
-    @torch.no_grad()
-    def _snapshot(self, batches: list[Inputs]) -> list[Tensor]:
-        """What the realised shift is measured against (see :meth:`Head.snapshot`)."""
-        assert self.tracker is not None
-        return self.tracker.backend.snapshot(batches)
-
-    @torch.no_grad()
-    def _measure(self, batches: list[Inputs], before: list[Tensor]) -> dict[str, float]:
-        """Mean exact KL of the step on the kept tokens, and its quadratic model."""
-        assert self.tracker is not None
-        kls, quads = [], []
-        for i, b in enumerate(batches):
-            kl, quad = self.tracker.backend.measure(b, i, before)
-            kls.append(kl.sum())
-            quads.append(quad.sum())
-        n = sum(float(b.mask.sum()) for b in batches)
-        sums = torch.stack([torch.stack(kls).sum(), torch.stack(quads).sum()]).to(torch.float64)
-        sums = torch.cat([sums, sums.new_tensor([n])])
-        kl_sum, quad_sum, n = distributed.all_reduce_sum(sums, self.process_group).tolist()
-        return {
-            "policy_shift_realised": kl_sum / n if n else 0.0,
-            "policy_shift_step_model": quad_sum / n if n else 0.0,
-        }
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -536,8 +539,12 @@ class CAPO(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus a ``"capo"`` entry with CAPO's own state.
 
-        A bare optimizer of the same class can load it (it ignores the extra key).
+        A bare optimizer of the same class can load it (it ignores the extra key). The hooks
+        registered with ``register_state_dict_pre_hook``/``post_hook`` run as on any optimizer.
         """
+        return contract.state_dict(self, self._build_state_dict)
+
+    def _build_state_dict(self) -> dict[str, Any]:
         state = self.optimizer.state_dict()
         own: dict[str, Any] = {"counters": dict(self._counters)}
         own["tracker"] = {} if self.tracker is None else self.tracker.state_dict()
@@ -547,6 +554,11 @@ class CAPO(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`state_dict`'s output (or a bare optimizer's); the hooks registered with
+        ``register_load_state_dict_pre_hook``/``post_hook`` run as on any optimizer."""
+        contract.load_state_dict(self, state_dict, self._load)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         own = state_dict.pop("capo", None)
         self.optimizer.load_state_dict(state_dict)
@@ -557,43 +569,3 @@ class CAPO(torch.optim.Optimizer):
                 self.tracker.load_state_dict(own["tracker"])
             if self.trust_region is not None and "trust_region" in own:
                 self.trust_region.search.load_state_dict(own["trust_region"])
-
-
-def _output_embeddings(model: nn.Module | None) -> nn.Module | None:
-    """``model``'s output layer, when it has one (transformers' ``get_output_embeddings``)."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return head if isinstance(head, nn.Module) else None
-
-
-def _output_layer(
-    head: nn.Module | None, model: nn.Module | None, settings: CAPOSettings
-) -> nn.Module:
-    """The head the quadratic models are built on: ``head``, else the model's output layer."""
-    why = (
-        f"token rejection (levels={settings.levels})"
-        if settings.levels
-        else "track_realised"
-        if settings.track_realised
-        else "shift_estimate='jvp'"
-    )
-    layer = head if head is not None else _output_embeddings(model)
-    if layer is None:
-        raise TypeError(
-            f"head: {why} models the output layer; pass head= (the model has no "
-            "get_output_embeddings())"
-        )
-    if not any(p.requires_grad for p in layer.parameters()):
-        raise ValueError(
-            f"head: {why} models the output layer's update, but the output layer is frozen (no "
-            "trainable parameter, e.g. a LoRA model). Bound the whole policy instead: "
-            "CAPO(optimizer, model=model, levels=(), max_policy_shift=...) measures it with "
-            "any trainable parameters"
-        )
-    return layer
-
-
-def _at_step_boundary(optimizer: torch.optim.Optimizer) -> bool:
-    """False while an accelerate-wrapped optimizer accumulates gradients (``sync_gradients``)."""
-    state = getattr(optimizer, "gradient_state", None)
-    return bool(getattr(state, "sync_gradients", True))

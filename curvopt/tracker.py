@@ -30,7 +30,6 @@ from .heads.linear import LinearHead
 from .heads.whole import WholeModel, resolve_params
 from .inputs import Batch, Forward, Inputs
 from .optimizers import (
-    SUPPORTED_OPTIMIZERS,
     OptimizerReader,
     RuleSource,
     ShadowAdam,
@@ -38,6 +37,7 @@ from .optimizers import (
     planned_update,
     unwrap_optimizer,
 )
+from .optimizers.support import check_shadow
 from .policy import LogitTransform
 from .quadratic import LEVELS, Fisher, Level, Moments, QuadraticModel, candidate_terms
 from .settings import DEFAULTS, Direction, check
@@ -53,6 +53,12 @@ class CurvatureTracker:
         head: the output layer mapping hidden states ``[..., H]`` to logits ``[..., V]``; its
             trainable parameters must be in ``optimizer``. ``nn.Linear`` takes the closed forms.
         optimizer: the optimizer that trains the head (an accelerate-wrapped one is unwrapped).
+            Its update rule is read from its state for torch SGD, Adam and AdamW (closed forms)
+            and Adadelta, Adagrad, Adamax, ASGD, NAdam, RAdam, RMSprop and Rprop (exact, by
+            stepping a copy), and subclasses of them that do not override ``step``
+            (:mod:`curvopt.optimizers.support`); modelling an update under any other optimizer
+            raises :class:`TypeError` naming ``optimizer`` (except with ``"shadow"``), while
+            :meth:`realised_shift` and :meth:`kl_of_change` work with every optimizer.
         top_k: ``None`` for the full vocabulary, or K to restrict each token's softmax to its K
             largest logits (the paper's reference truncation; an action outside them contributes
             only ``−π``).
@@ -67,10 +73,12 @@ class CurvatureTracker:
             most probable rows, where the token's own gradient can dominate the second moment and
             the exact step is kept. On the first step (no moments yet) Adam's step is taken in the
             ε → 0 limit, ``−lr·sign(g)``. Sequence and batch candidates form their ΔW
-            explicitly, so they are exact. Exact for SGD.
+            explicitly, so they are exact. Exact for SGD and the elementwise optimizers.
             ``"shadow"``: ``"frozen"`` over Adam moments the tracker keeps itself, advanced by
-            :meth:`observe_step` from the head's gradient, for optimizers whose state cannot be
-            read (ZeRO-partitioned, 8-bit, other classes).
+            :meth:`observe_step` from the head's gradient, for an Adam whose state cannot be read
+            (ZeRO-partitioned, 8-bit, another library's class): torch Adam/AdamW, or a class
+            curvopt does not recognise whose param groups have Adam's ``betas`` and ``eps``;
+            any other optimizer raises :class:`TypeError` naming ``optimizer``.
         Heads other than ``nn.Linear`` form every candidate's Δ explicitly and are always exact.
         temperature, logit_scale, softcap: the policy is ``softmax(φ(head(h)))`` with
             ``φ(z) = softcap·tanh(logit_scale·z/softcap)/temperature`` (without a soft-cap,
@@ -111,13 +119,8 @@ class CurvatureTracker:
             check(name, value)
         self.transform = LogitTransform(logit_scale, softcap, temperature)
         base = unwrap_optimizer(optimizer)
-        if direction != "shadow" and type(base) not in SUPPORTED_OPTIMIZERS:
-            supported = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
-            raise TypeError(
-                f"optimizer: direction={direction!r} reads the state of {supported}; got "
-                f"{type(base).__module__}.{type(base).__qualname__}. "
-                "Use direction='shadow' for other optimizers."
-            )
+        if direction == "shadow":
+            check_shadow(base)
         self.whole = not (isinstance(params, str) and params == "head")
         if self.whole:
             if not isinstance(model, nn.Module):
@@ -367,6 +370,30 @@ class CurvatureTracker:
         model ½ũᵀFũ, ũ the policy logits' change. The KL is evaluated as
         ``log E_π[exp(ũ − E_π ũ)]`` (``log1p``/``expm1``), accurate in float32 for tiny shifts."""
         return kl_of_change(self.transform, logits, change)
+
+    @torch.no_grad()
+    def snapshot(self, batches: Sequence[Inputs]) -> list[Tensor]:
+        """Before a step: what :meth:`realised_step` measures it against."""
+        return self.backend.snapshot(batches)
+
+    @torch.no_grad()
+    def realised_step(self, batches: Sequence[Inputs], before: list[Tensor]) -> dict[str, float]:
+        """After a step: the mean exact KL of the update taken over the kept tokens (``mask``) of
+        ``batches`` (``policy_shift_realised``) and of its quadratic model
+        (``policy_shift_step_model``), over the process group."""
+        kls, quads = [], []
+        for i, b in enumerate(batches):
+            kl, quad = self.backend.measure(b, i, before)
+            kls.append(kl.sum())
+            quads.append(quad.sum())
+        n = sum(float(b.mask.sum()) for b in batches)
+        sums = torch.stack([torch.stack(kls).sum(), torch.stack(quads).sum()]).to(torch.float64)
+        sums = torch.cat([sums, sums.new_tensor([n])])
+        kl_sum, quad_sum, n = distributed.all_reduce_sum(sums, self.process_group).tolist()
+        return {
+            "policy_shift_realised": kl_sum / n if n else 0.0,
+            "policy_shift_step_model": quad_sum / n if n else 0.0,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """The tracker's own state (the shadow moments; empty otherwise)."""

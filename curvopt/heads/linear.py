@@ -80,7 +80,8 @@ class LinearHead(OutputLayer):
     def token_moments(self, batch: Batch, tokens: Tensor, rules: list[UpdateRule]) -> Moments:
         approx = rules
         support = batch.vocab if self.top_k is None else self.top_k
-        if self.direction != "exact" and not rules[0].closed_form and support > EXACT_ROWS + 1:
+        # only Adam's exact step has a frozen approximation (SGD's is exact, copies are exact)
+        if self.direction != "exact" and rules[0].kind == "adam" and support > EXACT_ROWS + 1:
             approx = self.source.rules(batch.h.dtype, frozen=True)
         if self.top_k is None:
             return self._token_full(batch, tokens, rules, approx).moments

@@ -8,7 +8,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .copied import copy_rule
 from .rules import AffineStep, UpdateRule, adam_rule
+from .support import CLOSED_FORM, ELEMENTWISE, check_modelled, recognised
 
 __all__ = [
     "SUPPORTED_OPTIMIZERS",
@@ -93,13 +95,13 @@ def _adam_rule(
 
 
 Reader = Callable[[Tensor, dict[str, Any], dict[str, Any], torch.dtype, bool], UpdateRule]
-# The optimizers whose state curvopt reads, and how.
+# The closed forms of the optimizers curvopt reads (the elementwise ones step a copy).
 READERS: dict[type[torch.optim.Optimizer], Reader] = {
     torch.optim.SGD: _sgd_rule,
     torch.optim.Adam: _adam_rule,
     torch.optim.AdamW: _adam_rule,
 }
-SUPPORTED_OPTIMIZERS = tuple(READERS)
+SUPPORTED_OPTIMIZERS = CLOSED_FORM + ELEMENTWISE
 
 
 def read_rules(
@@ -112,21 +114,24 @@ def read_rules(
     """Update rules of ``params`` under ``optimizer``'s current state and hyperparameters.
 
     ``frozen=False`` gives the exact step (SGD is affine, so it is exact either way);
-    ``frozen=True`` the frozen rule for Adam/AdamW (:func:`~curvopt.optimizers.rules.adam_rule`).
-    The rules read the state lazily, by rows, in ``dtype``; hyperparameters are read from the
-    param groups now, so schedulers are honoured.
+    ``frozen=True`` the frozen rule for Adam/AdamW (:func:`~curvopt.optimizers.rules.adam_rule`);
+    the elementwise optimizers have no frozen form: their rule is always the exact
+    :class:`~curvopt.optimizers.copied.CopyStep`. The rules read the state lazily, by rows, in
+    ``dtype``; hyperparameters are read from the param groups now, so schedulers are honoured.
+    Raises :class:`TypeError` for an optimizer curvopt does not model
+    (:mod:`~curvopt.optimizers.support`).
     """
-    if type(optimizer) not in SUPPORTED_OPTIMIZERS:
-        names = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
-        raise TypeError(
-            f"optimizer: reading the real optimizer state supports {names}; got "
-            f"{type(optimizer).__module__}.{type(optimizer).__qualname__}. "
-            "Use direction='shadow' for other optimizers."
-        )
-    read = READERS[type(optimizer)]
-    return [
-        read(p, group_of(optimizer, p), optimizer.state.get(p, {}), dtype, frozen) for p in params
-    ]
+    check_modelled(optimizer, "modelling the update")
+    known = recognised(optimizer)
+    assert known is not None
+    out: list[UpdateRule] = []
+    for p in params:
+        group, state = group_of(optimizer, p), optimizer.state.get(p, {})
+        if known in READERS:
+            out.append(READERS[known](p, group, state, dtype, frozen))
+        else:
+            out.append(copy_rule(known, p, group, state, dtype))
+    return out
 
 
 class RuleSource(Protocol):

@@ -44,12 +44,13 @@ __all__ = [
     "adam_rule",
     "column_rows",
     "read_rows",
+    "row_blocks",
     "rows_dot",
     "saturate",
 ]
 
 Rows = Tensor | slice | None
-Kind = Literal["affine", "sign", "frozen", "adam"]
+Kind = Literal["affine", "sign", "frozen", "adam", "copy"]
 
 
 def read_rows(t: Tensor, rows: Rows, dtype: torch.dtype) -> Tensor:
@@ -285,7 +286,7 @@ class AdamStep(_AdamState, UpdateRule):
         out = torch.empty_like(cv)
         state = (self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq)
         hyper = (self.beta1, self.beta2, self.eps, self.root, self.step_size, self.l2, self.decay)
-        for c0, c1 in _blocks(width, max(1, max_elements // max(1, n * h.shape[1]))):
+        for c0, c1 in row_blocks(width, max(1, max_elements // max(1, n * h.shape[1]))):
             sel = column_rows(part.rows, c0, c1)
             if isinstance(sel, Tensor):
                 out[:, c0:c1] = fusion.call(
@@ -344,7 +345,8 @@ class FrozenAdamStep(_AdamState, UpdateRule):
         return rows_dot(coef, h * h), self.limit * h.abs().sum(1, keepdim=True)
 
 
-def _blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
+def row_blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` blocks of at most ``size`` covering ``range(n)``."""
     for start in range(0, n, size):
         yield start, min(start + size, n)
 

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..optimizers import SUPPORTED_OPTIMIZERS, planned_update, read_rules, unwrap_optimizer
+from ..optimizers import planned_update, read_rules, unwrap_optimizer
+from ..optimizers.support import CLOSED_FORM, recognised
 
 __all__ = ["PlannedStep", "TakenStep", "Transaction", "begin", "can_plan"]
 
@@ -65,9 +66,14 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 
 
 def can_plan(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether curvopt computes ``optimizer``'s next update exactly without stepping it."""
+    """Whether curvopt computes ``optimizer``'s next update exactly without stepping it: a torch
+    SGD, Adam or AdamW (or a subclass that does not override ``step``), with unsharded parameters
+    and gradients that are not scaled (an accelerate wrapper holding a ``GradScaler`` unscales
+    them inside its own step)."""
     base = unwrap_optimizer(optimizer)
-    if type(base) not in SUPPORTED_OPTIMIZERS:
+    if recognised(base) not in CLOSED_FORM:
+        return False
+    if getattr(optimizer, "scaler", None) is not None:
         return False
     return not any(_sharded(p) for p in optimizer_params(base))
 

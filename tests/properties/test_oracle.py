@@ -62,7 +62,8 @@ def test_exact_closed_forms_match_oracle_and_generic_path(problem, level, fisher
 
 
 @given(
-    problem=problems(kinds=("adam", "adamw", "sgd")),
+    # shadow moments model Adam: curvopt refuses them for SGD (test_optimizer_support.py)
+    problem=problems(kinds=("adam", "adamw")),
     level=st.sampled_from(["sequence", "batch"]),
     top_k=st.sampled_from([None, 2]),
 )

@@ -264,19 +264,6 @@ def test_realised_shift_is_the_exact_kl_of_the_head_update():
     torch.testing.assert_close(kl, expected.detach())
 
 
-def test_other_optimizers_need_the_shadow_direction():
-    model = TinyPolicy()
-    rms = torch.optim.RMSprop(model.parameters(), lr=1e-3)
-    with pytest.raises(TypeError, match="RMSprop"):
-        CAPO(rms, head=model.lm_head, direction="exact")
-    with pytest.raises(TypeError, match="shadow"):
-        CAPO(rms, head=model.lm_head, direction="frozen")
-    opt = CAPO(rms, head=model.lm_head, direction="shadow", **ACCEPT_ALL)
-    for i in range(2):
-        train_step(model, opt, make_batch(i))
-    assert opt.tracker.shadow.step == 2
-
-
 def test_head_outside_the_optimizer_is_rejected():
     model = TinyPolicy()
     with pytest.raises(ValueError, match="head"):
