@@ -21,9 +21,8 @@ from .rejector import SampleRejector, Selection
 from .settings import DEFAULTS, MODEL_FORM, CAPOSettings, Direction, Rule, ShiftEstimate
 from .tracker import CurvatureTracker
 from .trust_region import TrustRegion
-from .trust_region.kl import vocab_size
 from .trust_region.predicted import PredictedBound
-from .validation import check_inputs, check_positive
+from .validation import check_measured, check_positive
 from .window import Window
 
 __all__ = ["CAPO", "LIFETIME_STATS", "STEP_STATS"]
@@ -352,7 +351,8 @@ class CAPO(torch.optim.Optimizer):
         if self.tracker is not None:
             selection = self.rejector.apply(self.tracker, self.tracker.prepare_inputs(inputs))
         else:
-            selection = Selection(self._check(inputs).clone())
+            device = next(self.model.parameters()).device
+            selection = Selection(check_measured(inputs, device, self.head).clone())
         record = None
         if self.trust_region is not None:
             record = self.trust_region.record(
@@ -373,28 +373,6 @@ class CAPO(torch.optim.Optimizer):
                 )
             )
         return selection.keep
-
-    def _check(self, inputs: Inputs) -> Tensor:
-        """Validate ``inputs`` where no tracker does (the trust region alone); the bool mask."""
-        device = next(self.model.parameters()).device
-        mask = check_inputs(inputs, device)
-        vocab = None
-        if inputs.logits is not None:
-            vocab = vocab_size(inputs.logits)
-        elif isinstance(self.head, nn.Linear):
-            vocab = self.head.out_features
-        acts = inputs.actions[mask]
-        if vocab is not None and acts.numel() and (acts.min() < 0 or acts.max() >= vocab):
-            bad = acts[(acts < 0) | (acts >= vocab)][0].item()
-            raise ValueError(
-                f"actions: masked-in token id {bad} is outside the vocabulary [0, {vocab})"
-            )
-        if (
-            inputs.logits is not None
-            and not torch.isfinite(inputs.logits.sum(-1, dtype=torch.float64)[mask]).all()
-        ):
-            raise ValueError("logits: contains non-finite values at masked-in positions")
-        return mask
 
     @property
     def stats(self) -> dict[str, float]:

@@ -82,8 +82,8 @@ class Batch:
         if inputs.hidden is None:
             h = torch.zeros(positions.numel(), 0, dtype=dtype, device=device)
         else:
-            h = inputs.hidden.detach().reshape(B * T, -1)[positions].to(dtype)
-        actions = inputs.actions.reshape(-1)[positions]
+            h = inputs.hidden.detach().reshape(B * T, inputs.hidden.shape[-1])[positions].to(dtype)
+        actions = inputs.actions.reshape(-1)[positions].long()
         adv = inputs.advantages.detach()
         adv = (adv[seq] if adv.dim() == 1 else adv.reshape(-1)[positions]).to(dtype)
         # kept [B, T, V] and indexed by (sequence, position): logits sliced out of a longer

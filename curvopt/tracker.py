@@ -39,9 +39,10 @@ from .optimizers import (
 )
 from .optimizers.support import check_shadow
 from .policy import LogitTransform
+from .precision import full_precision
 from .quadratic import LEVELS, Fisher, Level, Moments, QuadraticModel, candidate_terms
 from .settings import DEFAULTS, Direction, check
-from .validation import check_inputs
+from .validation import check_inputs, check_model_advantages
 
 __all__ = ["CurvatureTracker"]
 
@@ -221,12 +222,14 @@ class CurvatureTracker:
         return self.prepare_inputs(Inputs(hidden, actions, advantages, mask, logits, forward))
 
     @torch.no_grad()
+    @full_precision()
     def prepare_inputs(self, inputs: Inputs) -> Batch:
         """:meth:`prepare` of one :class:`~curvopt.inputs.Inputs`."""
         inputs = self.backend.complete(inputs)
         device = self.params[0].device
         mask = check_inputs(inputs, device)
         batch = Batch.gather(inputs, mask, self._dtype(inputs.hidden), device)
+        check_model_advantages(batch.adv)
         batch.vocab = vocab = self.backend.vocab(batch.logits, batch.h)
         acts = batch.actions
         if acts.numel() and (acts.min() < 0 or acts.max() >= vocab):
@@ -240,6 +243,7 @@ class CurvatureTracker:
         return batch
 
     @torch.no_grad()
+    @full_precision()
     def evaluate(self, batch: Batch, level: Level, keep: Tensor | None = None) -> QuadraticModel:
         """The quadratic model at ``level`` over the tokens of ``batch`` that ``keep`` retains.
 
@@ -322,6 +326,7 @@ class CurvatureTracker:
         return self.step_model_of(inputs, fisher=fisher, curvature=curvature)
 
     @torch.no_grad()
+    @full_precision()
     def step_model_of(
         self, inputs: Inputs, *, fisher: Fisher | None = None, curvature: bool = False
     ) -> QuadraticModel:
@@ -342,12 +347,14 @@ class CurvatureTracker:
         return _model([o.reshape(B, T) for o in out], batch.mask, "token")
 
     @torch.no_grad()
+    @full_precision()
     def observe_step(self) -> None:
         """Tell the tracker a real optimizer step was taken (advances the shadow moments)."""
         if self.shadow is not None:
             self.shadow.update()
 
     @torch.no_grad()
+    @full_precision()
     def realised_shift(self, hidden: Tensor, before: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Realised and predicted policy shift of an actual update of the head.
 
@@ -364,6 +371,7 @@ class CurvatureTracker:
         return self.backend.realised_shift(hidden, before, self._dtype(hidden))
 
     @torch.no_grad()
+    @full_precision()
     def kl_of_change(self, logits: Tensor, change: Tensor) -> tuple[Tensor, Tensor]:
         """``(kl, quadratic)`` per row of raw logits ``z [n, V]`` moved by ``u [n, V]``: the exact
         ``KL(π(z) ‖ π(z + u))`` of the policy (with the logit transform) and its quadratic
@@ -372,11 +380,13 @@ class CurvatureTracker:
         return kl_of_change(self.transform, logits, change)
 
     @torch.no_grad()
+    @full_precision()
     def snapshot(self, batches: Sequence[Inputs]) -> list[Tensor]:
         """Before a step: what :meth:`realised_step` measures it against."""
         return self.backend.snapshot(batches)
 
     @torch.no_grad()
+    @full_precision()
     def realised_step(self, batches: Sequence[Inputs], before: list[Tensor]) -> dict[str, float]:
         """After a step: the mean exact KL of the update taken over the kept tokens (``mask``) of
         ``batches`` (``policy_shift_realised``) and of its quadratic model

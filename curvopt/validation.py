@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .inputs import Inputs
 
@@ -18,6 +18,8 @@ __all__ = [
     "check_finite",
     "check_fraction",
     "check_inputs",
+    "check_measured",
+    "check_model_advantages",
     "check_optional_positive",
     "check_positive",
     "check_positive_bound",
@@ -27,6 +29,9 @@ __all__ = [
 T = TypeVar("T")
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# The largest |advantage| the quadratic models take: beyond it, a candidate's squared gradient can
+# overflow float32 in Adam's second moment (a step that should saturate comes out as zero).
+MAX_ADVANTAGE = 1e12
 
 
 def _is_number(value: Any) -> bool:
@@ -170,3 +175,54 @@ def check_inputs(inputs: Inputs, device: torch.device) -> Tensor:
     if not torch.isfinite(advantages).all():
         raise ValueError("advantages: contains non-finite values")
     return mask.bool()
+
+
+def check_measured(inputs: Inputs, device: torch.device, head: nn.Module | None) -> Tensor:
+    """:func:`check_inputs` where no model of the head checks the rest (the trust region alone):
+    masked-in actions within the vocabulary (the logits', else a linear ``head``'s), finite
+    logits there, and, when the policy is ``head`` on ``hidden`` (a linear head, no
+    ``forward``), hidden states of its input width and logits of its output width."""
+    mask = check_inputs(inputs, device)
+    logits, hidden = inputs.logits, inputs.hidden
+    linear = head if isinstance(head, nn.Linear) else None
+    if linear is not None and hidden is not None and hidden.shape[-1] != linear.in_features:
+        raise ValueError(
+            f"hidden: expected states of width H = {linear.in_features} (the head's "
+            f"in_features), got {hidden.shape[-1]}"
+        )
+    if (
+        linear is not None
+        and hidden is not None
+        and inputs.forward is None
+        and logits is not None
+        and logits.shape[-1] != linear.out_features
+    ):
+        raise ValueError(
+            f"logits: the head gives V = {linear.out_features} logits per token (all its rows, "
+            f"padding beyond the tokenizer's vocabulary included), got V = {logits.shape[-1]}"
+        )
+    vocab = logits.shape[-1] if logits is not None else None
+    if vocab is None and linear is not None:
+        vocab = linear.out_features
+    acts = inputs.actions[mask]
+    if vocab is not None and acts.numel() and (acts.min() < 0 or acts.max() >= vocab):
+        bad = acts[(acts < 0) | (acts >= vocab)][0].item()
+        raise ValueError(
+            f"actions: masked-in token id {bad} is outside the vocabulary [0, {vocab})"
+        )
+    if logits is not None and not torch.isfinite(logits.sum(-1, dtype=torch.float64)[mask]).all():
+        raise ValueError("logits: contains non-finite values at masked-in positions")
+    return mask
+
+
+def check_model_advantages(advantages: Tensor) -> None:
+    """The masked-in ``advantages`` (any shape) are within :data:`MAX_ADVANTAGE` in magnitude."""
+    if advantages.numel() == 0:
+        return
+    largest = float(advantages.abs().max())
+    if largest > MAX_ADVANTAGE:
+        raise ValueError(
+            f"advantages: |A| up to {largest:.3g} at masked-in tokens; the quadratic models take "
+            f"|A| <= {MAX_ADVANTAGE:g} (beyond it a candidate's update overflows float32): "
+            "normalise the advantages (as GRPO does)"
+        )

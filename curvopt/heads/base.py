@@ -181,10 +181,29 @@ class OutputLayer(Head):
             raise TypeError("hidden: expected a torch.Tensor, got NoneType")
         return inputs
 
+    def output_width(self, h: Tensor) -> int:
+        """V, the head's logits per token, for hidden states ``h [n, H]``; hidden states of a
+        width the head cannot take raise :class:`ValueError` naming ``hidden``."""
+        row = h[:1] if h.shape[0] else h.new_zeros(1, h.shape[1])
+        try:
+            return self.head_logits(row, self.params, h.dtype).shape[-1]
+        except RuntimeError as e:
+            raise ValueError(
+                f"hidden: states of width H = {h.shape[1]} do not fit the head ({e})"
+            ) from e
+
     def vocab(self, logits: Tensor | None, h: Tensor) -> int:
-        if logits is not None:
-            return logits.shape[-1]
-        return self.head_logits(h[:1], self.params, h.dtype).shape[-1]
+        """V: the head's output width, which the caller's ``logits`` must have (raises
+        :class:`ValueError` naming ``logits`` otherwise)."""
+        width = self.output_width(h)
+        if logits is not None and logits.shape[-1] != width:
+            raise ValueError(
+                f"logits: the head gives V = {width} logits per token (all its rows, padding "
+                f"beyond the tokenizer's vocabulary included), got V = {logits.shape[-1]}: pass "
+                "its raw outputs head(hidden) for every row (the policy is the softmax over all "
+                "of them)"
+            )
+        return width
 
     @abstractmethod
     def subset(

@@ -60,8 +60,14 @@ class LinearHead(OutputLayer):
         z = h @ params[0].T
         return z + params[1] if len(params) > 1 else z
 
-    def vocab(self, logits: Tensor | None, h: Tensor) -> int:
-        return logits.shape[-1] if logits is not None else self.params[0].shape[0]
+    def output_width(self, h: Tensor) -> int:
+        rows, width = self.params[0].shape
+        if h.shape[1] != width:
+            raise ValueError(
+                f"hidden: expected states of width H = {width} (the head's in_features), got "
+                f"{h.shape[1]}"
+            )
+        return rows
 
     def logit_change(
         self, deltas: Sequence[Tensor], dtype: torch.dtype

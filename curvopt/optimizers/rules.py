@@ -78,11 +78,14 @@ def column_rows(rows: Rows, c0: int, c1: int) -> Rows:
 def saturate(kind: str, q: Tensor, g: float | Tensor, reach: float | Tensor | None) -> Tensor:
     """A closed-form rule's share of the change for loss gradient ``q``, with coefficient ``g``:
     ``g·q`` (affine), ``g·sign(q)`` (sign), or ``x / √(1 + (x / reach)²)`` with ``x = g·q``
-    (frozen Adam, saturating at ``±reach``). Plain values, so it fuses into compiled callers."""
+    (frozen Adam, saturating at ``±reach``), evaluated as ``x·reach / hypot(reach, x)`` so that
+    no square overflows however large the gradient (e.g. huge advantages). Plain values, so it
+    fuses into compiled callers."""
     if kind == "frozen":
         assert reach is not None
         x = q * g
-        return x / torch.sqrt(1 + (x / reach).square())
+        r = reach if isinstance(reach, Tensor) else x.new_full((), reach)
+        return x * (r / torch.hypot(r, x))
     if kind == "sign":
         return torch.sign(q) * g
     return q * g

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .. import fusion
 from ..policy import LogitTransform
+from ..precision import full_precision
 
 __all__ = ["HeadInput", "PolicyOutput", "policy_kl"]
 
@@ -182,6 +183,7 @@ def _moments(
     return moments
 
 
+@full_precision()
 def policy_kl(
     before: PolicyOutput,
     after: PolicyOutput,

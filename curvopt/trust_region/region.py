@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..policy import LogitTransform
-from .kl import HeadInput, PolicyOutput, batch_shape, policy_kl
+from ..precision import AUTOCAST_DEVICES
+from .kl import HeadInput, PolicyOutput, batch_shape, policy_kl, vocab_size
 from .search import Search
 from .step import Transaction, begin
 
@@ -37,7 +38,7 @@ def autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
     training forward ran."""
     return tuple(
         (device, torch.get_autocast_dtype(device))
-        for device in ("cpu", "cuda")
+        for device in AUTOCAST_DEVICES
         if torch.is_autocast_enabled(device)
     )
 
@@ -258,7 +259,7 @@ class TrustRegion:
                 continue
             with _autocast(b.autocast):
                 after = b.forward(model)
-            _check_output(after, b.keep)
+            _check_output(after, b.keep, vocab_size(b.before))
             kl = policy_kl(_at_start(b.before, txn), after, b.keep, b.actions, self.transform)
             device = kl.device
             total = total.to(device) + torch.stack([kl.sum(), kl.new_tensor(float(b.tokens))])
@@ -283,7 +284,7 @@ def _at_start(out: PolicyOutput, txn: Transaction) -> PolicyOutput:
     return out
 
 
-def _check_output(out: Any, keep: Tensor) -> None:
+def _check_output(out: Any, keep: Tensor, vocab: int | None = None) -> None:
     if not isinstance(out, (Tensor, HeadInput)):
         raise TypeError(
             "forward: expected it to return the completion logits [B, T, V] (a Tensor) or a "
@@ -295,6 +296,11 @@ def _check_output(out: Any, keep: Tensor) -> None:
             f"forward: returned logits of shape {tuple(shape)} + [V] for a mask of shape "
             f"{tuple(keep.shape)}; it must return the logits of the completion tokens the mask "
             "covers, [B, T, V]"
+        )
+    if vocab is not None and vocab_size(out) != vocab:
+        raise ValueError(
+            f"forward: returned V = {vocab_size(out)} logits per token, but the policy before the "
+            f"step had V = {vocab} (the logits given to select, or the head's rows)"
         )
 
 
