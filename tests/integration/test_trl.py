@@ -351,17 +351,28 @@ def test_smoke_run_logs_finite_capo_metrics(tmp_path, capsys):
 
 def test_two_processes_log_the_same_global_metrics(tmp_path):
     """Under DDP (two CPU processes, gloo) training runs and every rank logs the same CAPO
-    metrics, reduced over both ranks' different completions."""
+    metrics, reduced over both ranks' different completions. Each rank prints to its own file
+    (two processes printing to one pipe can interleave their lines on a loaded machine), and the
+    run may take its time there."""
+    logs = tmp_path / "logs"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [f"--log-dir={logs}", "--redirects=3"]
     command += [str(ROOT / "examples" / "trl_capo.py"), "--smoke", "--output_dir", str(tmp_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    printed = defaultdict(list)
-    for line in run.stdout.splitlines():
-        match = re.fullmatch(r"(capo/\w+)\s+(\S+)", line.strip())
-        if match:
-            printed[match[1]].append(float(match[2]))
-    assert "capo/rejected_frac" in printed
-    for values in printed.values():
-        assert len(values) == 2 and values[0] == values[1] and math.isfinite(values[0])
+    run = subprocess.run(command, capture_output=True, text=True, timeout=1200, env=env)
+    errors = "".join(p.read_text()[-3000:] for p in sorted(logs.rglob("stderr.log")))
+    assert run.returncode == 0, run.stderr[-3000:] + errors
+    outputs = sorted(logs.rglob("stdout.log"))
+    assert len(outputs) == 2, outputs
+    printed = []
+    for output in outputs:
+        metrics = defaultdict(list)
+        for line in output.read_text().splitlines():
+            match = re.fullmatch(r"(capo/\w+)\s+(\S+)", line.strip())
+            if match:
+                metrics[match[1]].append(float(match[2]))
+        printed.append(metrics)
+    assert "capo/rejected_frac" in printed[0]
+    assert printed[0] == printed[1]
+    for values in printed[0].values():
+        assert len(values) == 1 and math.isfinite(values[0])

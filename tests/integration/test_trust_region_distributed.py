@@ -4,15 +4,14 @@ measured KL and parameters as one process stepping on both shards as two micro-b
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from models import TinyLM
+from test_distributed import init_rank, spawn_ranks
 from torch.nn.parallel import DistributedDataParallel
 
 from curvopt import CAPO
@@ -65,13 +64,18 @@ def micro_step(model, opt, part: dict, total_tokens, scale: float) -> None:
     (loss * scale).backward()
 
 
-def single_process() -> tuple[list[dict], list[torch.Tensor]]:
+def part_tokens(batch: dict, empty: bool) -> torch.Tensor:
+    """The tokens the step's loss is normalised by (rank 0's alone when rank 1's part is empty)."""
+    return shard(batch, 0)["mask"].sum() if empty else batch["mask"].sum()
+
+
+def single_process(empty: bool = False) -> tuple[list[dict], list[torch.Tensor]]:
     model = make()
     opt = capo(model, torch.optim.AdamW(model.parameters(), lr=3e-2))
     out = []
     for batch in batches():
-        total = batch["mask"].sum()
-        for r in range(WORLD):
+        total = part_tokens(batch, empty)
+        for r in range(1 if empty else WORLD):
             micro_step(model, opt, shard(batch, r), total, 1.0)
         opt.step()
         opt.zero_grad()
@@ -79,9 +83,9 @@ def single_process() -> tuple[list[dict], list[torch.Tensor]]:
     return out, [p.detach().clone() for p in model.parameters()]
 
 
-def worker(rank: int, init: str, kind: str, path: str) -> None:
+def worker(rank: int, port: int, kind: str, path: str, empty: bool = False) -> None:
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    init_rank(rank, port)
     model = make()
     if kind == "ddp":
         wrapped = DistributedDataParallel(model)
@@ -98,7 +102,11 @@ def worker(rank: int, init: str, kind: str, path: str) -> None:
     out = []
     for batch in batches():
         # gradients are averaged over the ranks: each rank's loss is WORLD × its share
-        micro_step(forward_model, opt, shard(batch, rank), batch["mask"].sum(), float(WORLD))
+        part = shard(batch, rank)
+        if empty and rank == 1:  # e.g. every completion of this rank filtered out
+            part = {k: v[:0] for k, v in part.items()}
+        total = part_tokens(batch, empty)
+        micro_step(forward_model, opt, part, total, float(WORLD))
         opt.step()
         opt.zero_grad()
         out.append({k: opt.stats[k] for k in STATS})
@@ -113,30 +121,21 @@ def worker(rank: int, init: str, kind: str, path: str) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_ranks(kind: str, monkeypatch) -> list[dict]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    support = os.path.join(os.path.dirname(here), "support")
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([here, support, os.environ.get("PYTHONPATH", "")])
-    )
+def run_ranks(kind: str, empty: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        init = f"tcp://127.0.0.1:{free_port()}"
         path = os.path.join(tmp, "out")
-        mp.spawn(worker, args=(init, kind, path), nprocs=WORLD, join=True)
+        spawn_ranks(worker, kind, path, empty)
         return [torch.load(f"{path}.{r}", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.mark.parametrize("empty", [False, True], ids=["", "one rank empty"])
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
-def test_two_ranks_take_the_steps_of_one_process(kind, monkeypatch):
-    single, params = single_process()
+def test_two_ranks_take_the_steps_of_one_process(kind, empty):
+    """With one rank's micro-batch empty, it still joins every forward and reduction, and the
+    steps are the one process's on the other rank's micro-batch."""
+    single, params = single_process(empty)
     assert any(s["step_scale"] < 1 for s in single)  # the bound is active
-    ranks = run_ranks(kind, monkeypatch)
+    ranks = run_ranks(kind, empty)
     for rank in ranks:
         for mine, want in zip(rank["stats"], single, strict=True):
             assert mine["trust_region_trials"] == want["trust_region_trials"]
