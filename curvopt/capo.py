@@ -220,6 +220,9 @@ class CAPO(torch.optim.Optimizer):
         needs_tracker = (
             bool(settings.levels) or settings.track_realised or (bounded and not measured)
         )
+        why = modelled_by(settings)
+        if why is not None and settings.direction != "shadow":
+            check_modelled(unwrap_optimizer(optimizer), why)
         self.tracker: CurvatureTracker | None = None
         if needs_tracker:
             self.tracker = CurvatureTracker(
@@ -254,9 +257,6 @@ class CAPO(torch.optim.Optimizer):
                 settings.max_policy_shift, self.tracker, settings.step_reject_frac
             )
         base = unwrap_optimizer(optimizer)
-        why = modelled_by(settings)
-        if why is not None and settings.direction != "shadow":
-            check_modelled(base, why)
         self._shadow: ShadowWatch | None = None
         if self.tracker is not None and self.tracker.shadow is not None:
             self._shadow = ShadowWatch(self.tracker.shadow)

@@ -116,3 +116,24 @@ def test_no_tokens_give_an_empty_result():
     z0, z1, _, actions = logits_pair(0)
     mask = torch.zeros(z0.shape[:2], dtype=torch.bool)
     assert policy_kl(z0, z1, mask, actions, LogitTransform()).shape == (0,)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS[:2], ids=["identity", "temperature"])
+@pytest.mark.parametrize("size", [3e2, 1e5, 1e7])
+@pytest.mark.parametrize("head_input", [False, True], ids=["logits", "head input"])
+def test_a_shift_of_hundreds_of_nats_is_measured_not_overflowed(transform, size, head_input):
+    """exp of the logit change overflows float64 past ~700 nats: the KL is still the literal one
+    (a diverging optimizer's step, which the trust region must scale down, not refuse)."""
+    z0, z1, mask, actions = logits_pair(0, size=size)
+    before, after = z0, z1
+    if head_input:  # the logits formed from a linear head's input states, in chunks
+        g = torch.Generator().manual_seed(1)
+        hidden = torch.randn(*z0.shape[:2], 5, generator=g, dtype=F64)
+        w0 = torch.randn(z0.shape[-1], 5, generator=g, dtype=F64)
+        w1 = w0 + size * torch.randn(w0.shape, generator=g, dtype=F64)
+        before, after = HeadInput(hidden, w0), HeadInput(hidden, w1)
+        z0, z1 = hidden @ w0.T, hidden @ w1.T
+    want = literal_kl(z0, z1, mask, transform)
+    got = policy_kl(before, after, mask, actions, transform)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
