@@ -82,7 +82,7 @@ OPTIONS = (
 PREFIX = "capo_"
 # The trainer builds CAPO from the model, so its defaults are the model form's (the whole-policy
 # trust region, no token rejection) where that differs from CAPOSettings'.
-DEFAULTS = {f.name: MODEL_FORM.get(f.name, f.default) for f in fields(CAPOSettings)}
+CONFIG_DEFAULTS = {f.name: MODEL_FORM.get(f.name, f.default) for f in fields(CAPOSettings)}
 # Arguments TRL passes for its fused log-prob head, left out when the trust region re-runs a call.
 FUSED_HEAD_ARGUMENTS = (
     "fused_lm_head",
@@ -95,13 +95,13 @@ FUSED_HEAD_ARGUMENTS = (
 
 def _with_capo_options(cls: type) -> type:
     """Add a ``capo_<name>`` field for each of :data:`OPTIONS`, derived from
-    :class:`curvopt.settings.CAPOSettings` (type and help; default from :data:`DEFAULTS`), before
-    the class's own."""
+    :class:`curvopt.settings.CAPOSettings` (type and help; default from
+    :data:`CONFIG_DEFAULTS`), before the class's own."""
     types = option_types()
     own = inspect.get_annotations(cls)
     annotations: dict[str, Any] = {}
     for name in OPTIONS:
-        tp, default = types[name], DEFAULTS[name]
+        tp, default = types[name], CONFIG_DEFAULTS[name]
         assert default is not MISSING
         metadata = {"help": help_text(name, PREFIX)}
         if get_origin(tp) in (tuple, list, Sequence):
@@ -158,7 +158,7 @@ class CAPOConfig(GRPOConfig):
 
     Each ``capo_<name>`` field is CAPO's argument ``<name>`` for the names in :data:`OPTIONS`,
     with the type and help declared in :class:`curvopt.settings.CAPOSettings` and the defaults of
-    CAPO built from the model (:data:`DEFAULTS`): the measured whole-policy trust region
+    CAPO built from the model (:data:`CONFIG_DEFAULTS`): the measured whole-policy trust region
     (``capo_max_policy_shift`` = :data:`~curvopt.settings.DEFAULT_MAX_POLICY_SHIFT`,
     ``capo_shift_estimate="measured"``) and no token rejection (``capo_levels=[]``). The paper's
     token rejection: ``capo_levels=["token"], capo_max_policy_shift=None`` (on the command line
@@ -252,7 +252,7 @@ class PolicyAt:
         try:
             with self.autocast():
                 for args, kwargs in self.calls:
-                    model(*args, **kwargs, logits_to_keep=1, use_cache=False)
+                    model(*args, **{**kwargs, "logits_to_keep": 1, "use_cache": False})
         finally:
             hook.remove()
         head = policy.get_output_embeddings()

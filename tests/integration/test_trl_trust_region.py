@@ -78,7 +78,8 @@ def trainer_for(model, tokenizer, args, cls=CAPOGRPOTrainer, **kwargs):
 
 class Steps:
     """Each optimizer step of ``trainer``: its micro-batches (the inputs of TRL's loss forward),
-    the policy's parameters before and after it, and CAPO's statistics."""
+    the policy's parameters before it, after the bare optimizer's step on a copy (``unscaled``)
+    and after it, and CAPO's statistics."""
 
     def __init__(self, trainer: CAPOGRPOTrainer) -> None:
         trainer.create_optimizer()
@@ -93,25 +94,48 @@ class Steps:
             return compute_loss(model, inputs)
 
         trainer._compute_loss = record
-        trainer.capo.register_step_pre_hook(lambda *_: self._before())
+        trainer.capo.register_step_pre_hook(lambda *_: self._before(trainer))
         trainer.capo.register_step_post_hook(lambda *_: self._after(trainer))
 
     def _params(self) -> dict[str, Tensor]:
         return {n: p.detach().clone() for n, p in self.policy.named_parameters()}
 
-    def _before(self) -> None:
-        self.steps.append({"batches": self._batches, "before": self._params()})
+    def _before(self, trainer) -> None:
+        before = self._params()
+        self.steps.append(
+            {
+                "batches": self._batches,
+                "before": before,
+                "unscaled": self._unscaled(trainer, before),
+            }
+        )
         self._batches = []
+
+    def _unscaled(self, trainer, before: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The parameters after the bare optimizer's step, taken on a deep copy of it (its
+        parameters and state; a parameter's copy leaves its gradient behind)."""
+        optimizer = trainer.capo.optimizer
+        names = {id(p): n for n, p in self.policy.named_parameters()}
+        twin = copy.deepcopy(optimizer)
+        pairs = [
+            (p, q)
+            for group, twin_group in zip(optimizer.param_groups, twin.param_groups)
+            for p, q in zip(group["params"], twin_group["params"])
+        ]
+        for p, q in pairs:
+            q.grad = None if p.grad is None else p.grad.clone()
+        twin.step()
+        return before | {names[id(p)]: q.detach().clone() for p, q in pairs}
 
     def _after(self, trainer) -> None:
         self.steps[-1].update(after=self._params(), stats=dict(trainer.capo.stats))
 
-    def literal_kl(self, step: dict) -> float:
+    def literal_kl(self, step: dict, after: str = "after") -> float:
         """Mean over the step's completion tokens of KL(π_before ‖ π_after), the full softmax of
         float64 forwards of a copy of the policy."""
         reference = copy.deepcopy(self.policy).double()
         logps = []
-        for params in (step["before"], step["after"]):
+        for params in (step["before"], step[after]):
             with torch.no_grad():
                 for name, p in reference.named_parameters():
                     p.copy_(params[name])
@@ -135,14 +159,17 @@ def _completion_logps(model, batch: dict[str, Tensor]) -> Tensor:
 
 
 def assert_bounded(steps: Steps, bound: float) -> None:
-    """Every step: the unscaled step's KL at least 10× the bound, the realised one within it."""
+    """Every step, by literal forwards: the bare optimizer's step would have moved the policy by
+    at least 10× the bound, the step taken moved it within the bound (and by at least half of it),
+    and CAPO's measurements of both agree."""
     assert len(steps.steps) == 2
     for step in steps.steps:
         stats = step["stats"]
-        realised = steps.literal_kl(step)
-        assert stats["step_policy_shift"] >= 10 * bound
+        unscaled, realised = steps.literal_kl(step, "unscaled"), steps.literal_kl(step)
+        assert unscaled >= 10 * bound
         assert 0 < stats["step_scale"] < 1
         assert 0.5 * bound <= realised <= 1.1 * bound
+        assert stats["step_policy_shift"] == pytest.approx(unscaled, rel=1e-3)
         assert stats["policy_shift_realised"] == pytest.approx(realised, rel=1e-3)
 
 
