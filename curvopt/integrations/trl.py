@@ -379,7 +379,8 @@ class CAPOGRPOTrainer(GRPOTrainer):
         ):
             raise ValueError(
                 "CAPOGRPOTrainer does not support FSDP or tensor parallelism: accelerate enables "
-                "FSDP only on GPUs, where this integration is not tested. "
+                "FSDP only on accelerators (GPUs), not on CPU, so this integration is not tested "
+                "with it. "
                 f"{supported}. In a training loop of your own, curvopt.CAPO's trust region "
                 "supports FSDP2 (`fully_shard`; see docs/distributed.md)."
             )

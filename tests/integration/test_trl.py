@@ -221,6 +221,18 @@ def test_the_default_keeps_trl_loss_mask_and_measures_without_logits(
     assert stats["policy_shift_realised"] <= 1.1 * trainer.capo.max_policy_shift
 
 
+def test_the_output_layers_predicted_bound_is_still_available(model_dir, tokenizer, tmp_path):
+    """``capo_shift_estimate="jvp"``: the step scaled by the output layer's quadratic model."""
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    args = _config(tmp_path, capo_shift_estimate="jvp", capo_max_policy_shift=1e-12)
+    trainer = _trainer(model, tokenizer, args)
+    assert trainer.capo.trust_region is None and trainer.capo.predicted is not None
+    trainer._buffered_inputs, trainer._step = [_inputs(model)], 1
+    trainer.training_step(model, None)
+    trainer.capo.step()
+    assert 0 < trainer.capo.stats["step_scale"] < 1
+
+
 def test_dapo_normalises_by_the_kept_tokens_of_the_whole_step(model_dir, tokenizer, tmp_path):
     """Two accumulated micro-batches: the step's gradient is the sum of TRL's dapo losses with the
     kept token count of the whole step as normaliser, and the logged losses add up to it."""
