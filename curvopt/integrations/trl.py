@@ -541,9 +541,7 @@ class CAPOGRPOTrainer(GRPOTrainer):
             batch.actions,
             batch.advantages,
             batch.loss_mask.bool(),
-            # select takes a HeadInput from forward; its annotation (curvopt.inputs.Forward)
-            # names only the logits
-            forward=cast(Any, forward),
+            forward=forward,
         )
         batch.loss_mask.mul_(keep)
         return out
