@@ -23,11 +23,7 @@ Outputs in ``--out``: ``summary.json``, ``metrics.jsonl`` (one row per optimizer
 
 from __future__ import annotations
 
-import os
 import sys
-
-# everything is built or loaded locally; never reach for the Hub (set before transformers loads)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from grpolab.cli import main
 

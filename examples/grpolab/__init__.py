@@ -13,3 +13,8 @@
 - :mod:`.train`: the optimizer step and one run; :mod:`.measure`: what each step did;
 - :mod:`.report`: the table and the figure; :mod:`.cli`: ``main``.
 """
+
+import os
+
+# everything is built or loaded locally: never reach for the Hub (set before transformers loads)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -165,7 +165,12 @@ METHODS: dict[str, Method] = {
         Method("grpo", "GRPO", None),
         Method("capo", "CAPO token rejection (paper)", _rejection, hidden=True),
         Method(
-            "trust_region", "Trust region (measured KL ≤ bound)", _trust_region, default_bound=1e-3
+            "trust_region",
+            "Trust region (policy KL ≤ bound)"
+            if TRUST_REGION == "measured"
+            else "Trust region (jvp-predicted policy KL ≤ bound)",
+            _trust_region,
+            default_bound=1e-3,
         ),
         Method(
             "capo_step",

@@ -33,7 +33,10 @@ def label(run: dict) -> str:
     region by name, with the run's KL bound where it has one."""
     name = METHODS[run["variant"]].label if run["variant"] in METHODS else run["variant"]
     bound = run.get("max_policy_shift")
-    return name.replace("bound", f"{bound:g}") if bound else name
+    if not bound:
+        return name
+    mantissa, exponent = f"{bound:.2e}".split("e")
+    return name.replace("bound", f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}")
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
