@@ -236,6 +236,7 @@ def train(
         "label": method.label,
         "regime": run.regime,
         "seed": run.seed,
+        "attention": model.config._attn_implementation,
         "completions": run.steps * per_step,
         "steps": run.steps,
         "lr": run.lr,
