@@ -1,4 +1,4 @@
-"""The stability study's figures and tables (docs/results.md), from its aggregate."""
+"""The studies' figures and tables (docs/results.md), from their aggregates."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .run import Variant, run_dir
 
 __all__ = [
     "COLOURS",
+    "accuracy_bands",
     "calibration_table",
     "plot_accuracy",
     "plot_steps",
@@ -37,6 +38,21 @@ COLOURS = {
 }
 
 
+def accuracy_bands(ax: plt.Axes, result: dict, names: list[str], colours: dict[str, str]) -> None:
+    """Per variant of ``names``: its seed-mean test accuracy, and the min–max band of its seeds
+    at the evaluations every seed made (``result["variants"][name]["mean_curve"]``)."""
+    for name in names:
+        info = result["variants"][name]
+        runs = [r for r in result["runs"] if r["variant"] == name]
+        x = [c for c, _ in info["mean_curve"]]
+        per = [dict(map(tuple, r["curve"])) for r in runs]
+        lo = [min(p[c] for p in per) for c in x]
+        hi = [max(p[c] for p in per) for c in x]
+        colour = colours.get(name)
+        ax.plot(x, [a for _, a in info["mean_curve"]], color=colour, label=info["label"])
+        ax.fill_between(x, lo, hi, color=colour, alpha=0.15, linewidth=0)
+
+
 def plot_accuracy(result: dict, path: Path) -> None:
     """Seed-mean test accuracy with min–max bands: baselines and rejection on the left,
     baselines and the curvature-aware step on the right."""
@@ -46,17 +62,8 @@ def plot_accuracy(result: dict, path: Path) -> None:
         ("GRPO baselines, CAPO's step and the trust region", ("grpo", "capo_step", "trust_region")),
     )
     for ax, (title, prefixes) in zip(axes, panels):
-        for name, info in result["variants"].items():
-            if not name.startswith(prefixes):
-                continue
-            runs = [r for r in result["runs"] if r["variant"] == name]
-            x = [c for c, _ in info["mean_curve"]]
-            per = [dict(map(tuple, r["curve"])) for r in runs]
-            lo = [min(p[c] for p in per) for c in x]
-            hi = [max(p[c] for p in per) for c in x]
-            colour = COLOURS.get(name)
-            ax.plot(x, [a for _, a in info["mean_curve"]], color=colour, label=info["label"])
-            ax.fill_between(x, lo, hi, color=colour, alpha=0.15, linewidth=0)
+        names = [n for n in result["variants"] if n.startswith(prefixes)]
+        accuracy_bands(ax, result, names, COLOURS)
         if "target_accuracy" in result:
             ax.axhline(result["target_accuracy"], color="grey", linestyle=":", linewidth=1)
         ax.set(xlabel="training completions", title=title, ylim=(0, 1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
@@ -175,14 +176,21 @@ def train(
     eval_every = cfg.eval_every or cfg.conservative_prompts * cfg.group
     monitor = SignalMonitor(cfg.no_signal_steps, run.name, run.seed)
 
+    eval_seconds = 0.0
+
     def evaluate() -> float:
-        return greedy_accuracy(model, tokenizer, task.test, task.max_new_tokens, task.check)
+        nonlocal eval_seconds
+        began = time.time()
+        accuracy = greedy_accuracy(model, tokenizer, task.test, task.max_new_tokens, task.check)
+        eval_seconds += time.time() - began
+        return accuracy
 
     curve = [[0, evaluate() if initial_accuracy is None else initial_accuracy]]
     tokens = kept = 0.0
     rows: list[dict] = []
     bar = tqdm(range(run.steps), desc=f"{run.name} seed {run.seed}", dynamic_ncols=True)
     for step in bar:
+        began = time.time()
         batch = rollout(
             model,
             tokenizer,
@@ -216,6 +224,8 @@ def train(
             "completion_length": batch.mask.sum(1).float().mean().item(),
             **monitor.update(step + 1, batch),
             **stats,
+            # sampling, the update and its measurement; evaluation not included
+            "step_seconds": time.time() - began,
         }
         crossed = completions // eval_every > (completions - per_step) // eval_every
         if crossed or step + 1 == run.steps:
@@ -236,6 +246,7 @@ def train(
         "label": method.label,
         "regime": run.regime,
         "seed": run.seed,
+        "test_size": len(task.test),
         "attention": model.config._attn_implementation,
         "completions": run.steps * per_step,
         "steps": run.steps,
@@ -246,6 +257,7 @@ def train(
         "best_accuracy": max(accuracies),
         "rejected_frac": 1.0 - kept / tokens if tokens else 0.0,
         "curve": curve,
+        "eval_seconds": eval_seconds,
         **summarise_steps(rows, method.bound(cfg)),
         "no_signal": monitor.report(),
     }
