@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .loss import token_logps
 from .rollout import Rollout, forward
 
-__all__ = ["KL_FLOOR", "Before", "SignalMonitor", "before_step", "step_kl", "summarise_steps"]
+__all__ = ["KL_FLOOR", "Before", "SignalMonitor", "StepInputs", "step_kl", "summarise_steps"]
 
 #: below this the measured KL of a step is float32 rounding of the logits, not the step
 KL_FLOOR = 1e-12
@@ -33,18 +33,34 @@ KL_FLOOR = 1e-12
 
 @dataclass
 class Before:
-    """The policy on the batch before the step.
+    """The policy on the batch before the step, micro-batch by micro-batch (the first iteration's
+    forward: the policy that sampled the batch).
 
-    ``logps`` ``[B, T]``: log-probabilities of the sampled tokens; per micro-batch, with
-    ``keep``: the logits ``[b, T, V]`` and the states entering the output layer ``[b, T, H]``
-    (``head_ok``: the output layer applied to those states gives those logits, so its share of
-    the step is measurable).
+    ``logps`` ``[b, T]``: log-probabilities of the sampled tokens; with ``keep``: the logits
+    ``[b, T, V]`` and the states entering the output layer ``[b, T, H]``, and ``head_ok``: the
+    output layer applied to those states gives those logits, so its share of the step is
+    measurable.
     """
 
-    logps: Tensor
+    keep: bool
+    logps: list[Tensor] = field(default_factory=list)
     logits: list[Tensor] = field(default_factory=list)
     hidden: list[Tensor] = field(default_factory=list)
     head_ok: bool = False
+
+    @torch.no_grad()
+    def add(self, logps: Tensor, logits: Tensor, hidden: Tensor | None, head: nn.Module) -> None:
+        """Record one micro-batch (detached)."""
+        self.logps.append(logps.detach())
+        if not self.keep:
+            return
+        self.logits.append(logits.detach())
+        self.hidden.append(hidden.detach())
+        if len(self.logits) == 1:
+            # models that transform the output layer's logits (a soft-cap) have no head-only policy
+            self.head_ok = head is not None and torch.allclose(
+                head(hidden[:1]), logits[:1], rtol=1e-4, atol=1e-4
+            )
 
 
 @dataclass
@@ -54,29 +70,6 @@ class StepInputs:
     batch: Rollout
     chunks: list[slice]
     before: Before
-
-
-@torch.no_grad()
-def before_step(
-    model: nn.Module, batch: Rollout, chunks: list[slice], temperature: float, keep: bool
-) -> Before:
-    """The policy's outputs on ``batch`` now (one no-grad forward per micro-batch)."""
-    out = Before(torch.empty(0))
-    logps = []
-    for rows in chunks:
-        logits, hidden = forward(model, batch, rows, hidden=keep)
-        logps.append(token_logps(logits, batch.completions[rows], temperature))
-        if keep:
-            out.logits.append(logits)
-            out.hidden.append(hidden)
-    out.logps = torch.cat(logps)
-    if keep:
-        head = model.get_output_embeddings()
-        # models that transform the output layer's logits (a soft-cap) have no head-only policy
-        out.head_ok = head is not None and torch.allclose(
-            head(out.hidden[0][:1]), out.logits[0][:1], rtol=1e-4, atol=1e-4
-        )
-    return out
 
 
 def _kl(logp: Tensor, logq: Tensor) -> Tensor:
@@ -101,7 +94,7 @@ def step_kl(model: nn.Module, inputs: StepInputs, temperature: float) -> dict[st
             head_only.append(_kl(old, torch.log_softmax(moved, -1)))
     mask = batch.mask
     n = mask.sum().clamp(min=1)
-    log_r = torch.cat(after) - before.logps
+    log_r = torch.cat(after) - torch.cat(before.logps)
     k3 = (torch.exp(log_r) - 1 - log_r) * mask
     out = {"kl_realised": (k3.sum() / n).item()}
     out["kl_exact"] = ((torch.cat(exact) * mask).sum() / n).item()

@@ -3,6 +3,8 @@ greedy test accuracy."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -149,21 +151,30 @@ def greedy_accuracy(
     return correct / len(problems)
 
 
+@functools.cache
+def _keeps_logits(kind: type) -> bool:
+    """Whether ``kind.forward`` takes ``logits_to_keep`` (the head on the last positions only)."""
+    return "logits_to_keep" in inspect.signature(kind.forward).parameters
+
+
 def forward(
     model: nn.Module, batch: Rollout, rows: slice, hidden: bool
 ) -> tuple[Tensor, Tensor | None]:
     """Head logits ``[b, T, V]`` at the positions that predict the completion tokens of
     ``batch[rows]``, and the states entering the head ``[b, T, H]`` when ``hidden``."""
+    # position t predicts token t + 1: the last T + 1 positions but the very last
+    width = batch.completions.shape[1] + 1
+    # the head over the prompt's positions is a fifth of a small model's forward, and unused
+    keep = {"logits_to_keep": width} if _keeps_logits(type(model)) else {}
     out = model(
         input_ids=batch.input_ids[rows],
         attention_mask=batch.attention_mask[rows],
         position_ids=batch.position_ids[rows],
         output_hidden_states=hidden,
+        **keep,
     )
-    # position t predicts token t + 1
-    span = slice(batch.prompt_width - 1, -1)
-    states = out.hidden_states[-1][:, span] if hidden else None
-    return out.logits[:, span], states
+    states = out.hidden_states[-1][:, -width:-1] if hidden else None
+    return out.logits[:, -width:-1], states
 
 
 def completion_logits(model: nn.Module, batch: Rollout, rows: slice) -> Tensor:

@@ -1,9 +1,10 @@
 """The training loop: one optimizer step on a batch of completions, and one run.
 
-A step: sample ``G`` completions per prompt, group advantages, the policy's log-probabilities
-before the step (one no-grad forward), then ``num_iterations`` optimizer steps on the
-clipped-ratio loss over the tokens the method keeps (:mod:`.methods`), then what the step did to
-the policy (:func:`.measure.step_kl`).
+A step: sample ``G`` completions per prompt, group advantages, then ``num_iterations``
+optimizer steps on the clipped-ratio loss over the tokens the method keeps (:mod:`.methods`),
+then what the step did to the policy (:func:`.measure.step_kl`). The first iteration's forward is
+the policy that sampled the batch: its log-probabilities, detached, are the ratio's denominator
+for every iteration (as TRL does), so no separate forward computes them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .config import Config, Run
 from .loss import group_advantages, policy_loss, token_logps
-from .measure import SignalMonitor, StepInputs, before_step, step_kl, summarise_steps
+from .measure import Before, SignalMonitor, StepInputs, step_kl, summarise_steps
 from .methods import METHODS, Method
 from .rollout import Rollout, completion_logits, forward, greedy_accuracy, micro_batches, rollout
 from .task import Task
@@ -44,6 +45,21 @@ def warmup_cosine(steps: int, warmup_ratio: float) -> Callable[[int], float]:
     return factor
 
 
+@torch.no_grad()
+def reference_logps(
+    reference: nn.Module, batch: Rollout, chunks: list[slice], cfg: Config
+) -> Tensor:
+    """``log π_ref(a_t | h_t)`` ``[B, T]`` of the completions under the reference policy."""
+    return torch.cat(
+        [
+            token_logps(
+                completion_logits(reference, batch, rows), batch.completions[rows], cfg.temperature
+            )
+            for rows in chunks
+        ]
+    )
+
+
 def train_step(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -51,23 +67,26 @@ def train_step(
     sched: torch.optim.lr_scheduler.LRScheduler,
     batch: Rollout,
     advantages: Tensor,
-    old: Tensor,
     ref: Tensor | None,
     cfg: Config,
-) -> dict[str, float]:
-    """``num_iterations`` optimizer steps on one batch of completions; their mean statistics.
+) -> tuple[dict[str, float], Before]:
+    """``num_iterations`` optimizer steps on one batch of completions: their mean statistics,
+    and the policy before them (logits and head inputs kept when ``cfg.realised_kl``).
 
-    ``old`` and ``ref`` are the completions' log-probabilities ``[B, T]`` under the sampling
-    policy and the reference policy (None without a KL term).
+    ``ref``: the completions' log-probabilities ``[B, T]`` under the reference policy (None
+    without a KL term).
     """
     chunks = micro_batches(batch, cfg.micro_batch)
     capo = method.family == "capo"
     sums: dict[str, float] = defaultdict(float)
+    before = Before(keep=cfg.realised_kl)
 
-    def chunk_loss(rows: slice, logits: Tensor, keep: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def chunk_loss(
+        i: int, rows: slice, logits: Tensor, keep: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         return policy_loss(
             token_logps(logits, batch.completions[rows], cfg.temperature),
-            old[rows],
+            before.logps[i],
             advantages[rows],
             keep,
             loss_type=cfg.loss_type,
@@ -88,8 +107,8 @@ def train_step(
         def closure() -> Tensor:
             opt.zero_grad()
             losses = []
-            for rows, keep in zip(chunks, keeps):
-                loss = chunk_loss(rows, completion_logits(model, batch, rows), keep)[0]
+            for i, (rows, keep) in enumerate(zip(chunks, keeps)):
+                loss = chunk_loss(i, rows, completion_logits(model, batch, rows), keep)[0]
                 (loss / len(chunks)).backward()
                 losses.append(loss.detach())
             clip()
@@ -97,10 +116,13 @@ def train_step(
 
         return closure
 
-    for _ in range(cfg.num_iterations):
+    for iteration in range(cfg.num_iterations):
         keeps = []
-        for rows in chunks:
-            logits, hidden = forward(model, batch, rows, hidden=method.hidden)
+        for i, rows in enumerate(chunks):
+            logits, hidden = forward(model, batch, rows, hidden=method.hidden or before.keep)
+            if iteration == 0:
+                logps = token_logps(logits.detach(), batch.completions[rows], cfg.temperature)
+                before.add(logps, logits, hidden, model.get_output_embeddings())
             keep = method.select(
                 opt,
                 logits,
@@ -112,7 +134,7 @@ def train_step(
                 forward=partial(completion_logits, batch=batch, rows=rows),
             )
             keeps.append(keep)
-            loss, stats = chunk_loss(rows, logits, keep)
+            loss, stats = chunk_loss(i, rows, logits, keep)
             (loss / len(chunks)).backward()
             sums["loss"] += loss.item() / len(chunks)
             sums["clip_frac"] += stats["clip_frac"].item() / len(chunks)
@@ -144,7 +166,7 @@ def train_step(
         out["skipped_steps"] = opt.stats["skipped_steps"]  # type: ignore[attr-defined]
     else:
         out["rejected_frac"] = 0.0
-    return out
+    return out, before
 
 
 def train(
@@ -203,11 +225,8 @@ def train(
         )
         advantages = group_advantages(batch.rewards, cfg.group, scale=cfg.scale_rewards)
         chunks = micro_batches(batch, cfg.micro_batch)
-        before = before_step(model, batch, chunks, cfg.temperature, keep=cfg.realised_kl)
-        ref = None
-        if reference is not None:
-            ref = before_step(reference, batch, chunks, cfg.temperature, keep=False).logps
-        stats = train_step(model, opt, method, sched, batch, advantages, before.logps, ref, cfg)
+        ref = None if reference is None else reference_logps(reference, batch, chunks, cfg)
+        stats, before = train_step(model, opt, method, sched, batch, advantages, ref, cfg)
         if cfg.realised_kl:
             stats |= step_kl(model, StepInputs(batch, chunks, before), cfg.temperature)
         tokens += stats.get("tokens", 0.0)
