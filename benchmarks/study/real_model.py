@@ -54,8 +54,17 @@ VARIANTS = (
             ("--methods", "trust_region-aggressive", "--max-policy-shift", "1e-3")),
 )  # fmt: skip
 BY_NAME = {v.name: v for v in VARIANTS}
-#: the example's options shared by every run: the model, the task's test set, the budget
-SIZE = ("--model", "smollm2", "--test-size", "128", "--steps", "36")
+#: the example's options shared by every run: the model, the test set, the regimes, the budget
+#: (384 completions per run: 24 aggressive steps of 16, 6 conservative ones of 64)
+SIZE = (
+    "--model", "smollm2",
+    "--test-size", "128",
+    "--eval-every", "128",
+    "--group", "8",
+    "--aggressive-prompts", "2",
+    "--conservative-prompts", "8",
+    "--steps", "24",
+)  # fmt: skip
 COLOURS = {
     "grpo-conservative": "tab:blue",
     "grpo-aggressive": "tab:red",

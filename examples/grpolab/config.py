@@ -205,13 +205,22 @@ PROFILES: dict[str, dict[str, dict]] = {
     "pretrained": {
         "full": {
             "threads": 0,
+            "seeds": [0, 1, 2],
             "lr": 2e-6,
-            "steps": 120,
+            "steps": 48,
             "conservative_prompts": 8,
             "eval_every": 128,
-            "test_size": 0,
         },
-        "quick": {"seeds": [0], "steps": 24, "out": "runs/grpo-quick", "eval_every": 128},
+        # sized for the four default runs in about 20 minutes on 2 CPU cores
+        "quick": {
+            "seeds": [0],
+            "steps": 12,
+            "aggressive_prompts": 1,
+            "conservative_prompts": 4,
+            "out": "runs/grpo-quick",
+            "test_size": 64,
+            "eval_every": 48,
+        },
     },
 }
 

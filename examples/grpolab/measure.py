@@ -6,7 +6,7 @@ sampling policy ``softmax(logits / temperature)``:
 
 - ``kl_realised``: the k3 estimate ``r − 1 − log r`` (``r = π_after / π_before`` of the sampled
   token): unbiased because the tokens are samples of π_before (with ``top_k=0``); no ``[B, T, V]``;
-- ``kl_exact``: the exact KL over the vocabulary;
+- ``kl_exact``: the exact KL over the vocabulary (in float64);
 - ``kl_head_only``: the exact KL had only the output layer moved (the states entering it before
   the step, through the output layer after it); ``head_kl_share = kl_head_only / kl_exact``, the
   share of the step's KL a model of the last layer sees (recorded when ``kl_exact ≥ KL_FLOOR``).
@@ -87,10 +87,11 @@ def step_kl(model: nn.Module, inputs: StepInputs, temperature: float) -> dict[st
     for rows, logits, hidden in zip(inputs.chunks, before.logits, before.hidden):
         new = forward(model, batch, rows, hidden=False)[0]
         after.append(token_logps(new, batch.completions[rows], temperature))
-        old = torch.log_softmax(logits.float() / temperature, -1)
-        exact.append(_kl(old, torch.log_softmax(new.float() / temperature, -1)))
+        # float64: a step's KL can be 1e-9 per token, below float32's rounding of log-softmax
+        old = torch.log_softmax(logits.double() / temperature, -1)
+        exact.append(_kl(old, torch.log_softmax(new.double() / temperature, -1)))
         if before.head_ok:
-            moved = head(hidden).float() / temperature
+            moved = head(hidden).double() / temperature
             head_only.append(_kl(old, torch.log_softmax(moved, -1)))
     mask = batch.mask
     n = mask.sum().clamp(min=1)

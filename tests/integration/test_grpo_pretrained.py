@@ -216,6 +216,20 @@ def test_a_small_file_runs_with_the_defaults(tmp_path, model_dir):
     assert len(summary["runs"][0]["curve"]) >= 2
 
 
+def test_pretrained_defaults_and_quick_yield_to_explicit_options():
+    full = config.parse(["--model", "smollm2"])
+    quick = config.parse(["--model", "smollm2", "--quick"])
+    profile = config.PROFILES["pretrained"]
+    assert full.seeds == profile["full"]["seeds"] and full.threads == 0
+    assert (quick.seeds, quick.steps, quick.test_size) == (
+        profile["quick"]["seeds"],
+        profile["quick"]["steps"],
+        profile["quick"]["test_size"],
+    )
+    assert config.parse(["--model", "smollm2", "--quick", "--steps", "3"]).steps == 3
+    assert config.parse(["--quick"]).steps == config.PROFILES["toy"]["quick"]["steps"]
+
+
 # ---------------------------------------------------------------- warm-up
 
 
