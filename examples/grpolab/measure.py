@@ -116,6 +116,7 @@ class SignalMonitor:
         self.streak = self.longest = 0
         self.first: int | None = None
         self.reason = ""
+        self.solved = False
 
     def update(self, step: int, batch: Rollout) -> dict[str, float]:
         """Count step ``step`` (1-based); returns its row fields ``empty_frac`` and
@@ -126,19 +127,22 @@ class SignalMonitor:
         self.longest = max(self.longest, self.streak)
         if self.limit > 0 and self.streak == self.limit and self.first is None:
             self.first = step
-            self.reason = (
-                "every completion empty"
-                if empty == 1.0
-                else f"every reward equal ({batch.rewards[0].item():g})"
-            )
+            reward = batch.rewards[0].item()
+            self.reason = "every completion empty" if empty == 1.0 else f"every reward {reward:g}"
+            self.solved = empty < 1.0 and reward > 0
             tqdm.write(f"\n{'!' * 78}\nWARNING: {self.message()}\n{'!' * 78}", file=sys.stderr)
         return {"empty_frac": empty, "rewards_equal": float(equal)}
 
     def message(self) -> str:
+        advice = (
+            "the policy solves these prompts: a harder task or more prompts per step"
+            if self.solved
+            else "check the prompt format, the chat template (--chat-template), the answer "
+            "extraction (--answer-regex) and --max-new-tokens"
+        )
         return (
             f"{self.name} seed {self.seed}: no learning signal for {self.limit} steps running "
-            f"at step {self.first} ({self.reason}): check the prompt format, the chat template "
-            "(--chat-template), the answer extraction (--answer-regex) and --max-new-tokens"
+            f"at step {self.first} ({self.reason}): {advice}"
         )
 
     def report(self) -> dict | None:

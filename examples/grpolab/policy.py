@@ -181,14 +181,14 @@ def load_or_warm_start(
 
 
 def load_pretrained(
-    path: str | Path, device: torch.device, attention: str = "sdpa"
+    path: str | Path, device: torch.device, attention: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Any local causal LM directory with its tokenizer (left padding, a pad token), in float32
-    with ``attention`` as its attention implementation."""
+    with ``attention`` as its attention implementation (None: transformers' choice, SDPA where
+    the model supports it)."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation=attention, dtype=torch.float32
-    )
+    kernel = {} if attention is None else {"attn_implementation": attention}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kernel)
     return model.to(device), tokenizer

@@ -265,9 +265,7 @@ def test_no_signal_is_warned_and_recorded(tmp_path, model_dir, capsys):
     )  # fmt: skip
     assert all(r["rewards_equal"] == 1.0 for r in rows)
     (report,) = [r["no_signal"] for r in summary["runs"]]
-    assert (
-        report["step"] == 2 and report["longest"] == 3 and "every reward equal" in report["reason"]
-    )
+    assert report["step"] == 2 and report["longest"] == 3 and report["reason"] == "every reward 0"
     assert summary["warnings"] == [report["message"]]
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk["warnings"] == summary["warnings"]
@@ -286,7 +284,11 @@ def test_signal_monitor_counts_steps_running():
     assert monitor.report() is None
     monitor.update(4, step(["3", "4"], [1.0, 1.0]))
     report = monitor.report()
-    assert report["step"] == 4 and "every reward equal (1)" in report["reason"]
+    assert (
+        report["step"] == 4
+        and report["reason"] == "every reward 1"
+        and "solves" in report["message"]
+    )
     empty = SignalMonitor(limit=1, name="x", seed=0)
     assert empty.update(1, step(["", ""], [0.0, 0.0]))["empty_frac"] == 1.0
     assert empty.report()["reason"] == "every completion empty"
