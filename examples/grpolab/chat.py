@@ -9,8 +9,10 @@ answer (:func:`~grpolab.task.last_number`). Kinds (``--task``):
 - ``next``: "What number comes after 479?" — from 10 to 998;
 - ``sum``: "What is 7 + 8?" — one-digit operands (81 problems).
 
-The kinds, and how they were chosen for SmolLM2-135M-Instruct (greedy accuracy between 15 % and
-85 % at the start), are measured by ``benchmarks/real_model_tasks.py``; ``larger`` is the default.
+Greedy accuracy of SmolLM2-135M-Instruct at the start, ``benchmarks/real_model_tasks.py``:
+``larger`` 42 %, ``smallest`` 42 %, ``next`` 45 %, ``sum`` 13 %. ``next`` is the default: in the
+15–85 % range, and without a shortcut — on ``larger`` GRPO settled within 128 completions on a
+deterministic policy at chance (44.5 %), while on ``next`` it reached 84 %.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ KINDS: dict[str, tuple[Callable[[tuple[int, ...]], Question], Operands, list]] =
     "next": (_next, lambda: [(n,) for n in range(10, 999)], [(38,), (605,)]),
     "sum": (_sum, lambda: [(a, b) for a in range(1, 10) for b in range(1, 10)], [(4, 3), (6, 9)]),
 }
-DEFAULT = "larger"
+DEFAULT = "next"
 
 
 def _chat(kind: str, operands: tuple[int, ...]) -> Problem:

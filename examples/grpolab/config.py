@@ -74,7 +74,7 @@ class Config:
         metadata={
             "help": "generated task without --data: addition (the toy's '23+58=' format), or a "
             "few-shot chat question for instruct models (larger, smallest, next, sum; "
-            "grpolab/chat.py); auto: addition for the toy, larger for --model"
+            "grpolab/chat.py); auto: addition for the toy, next for --model"
         },
     )
     chat_template: Literal["auto", "none"] = field(
@@ -214,12 +214,12 @@ PROFILES: dict[str, dict[str, dict]] = {
         # sized for the four default runs in about 20 minutes on 2 CPU cores
         "quick": {
             "seeds": [0],
-            "steps": 12,
+            "steps": 10,
             "aggressive_prompts": 1,
-            "conservative_prompts": 4,
+            "conservative_prompts": 5,
             "out": "runs/grpo-quick",
             "test_size": 64,
-            "eval_every": 48,
+            "eval_every": 40,
         },
     },
 }

@@ -82,7 +82,7 @@ def plot(summary: dict, metrics: Path, path: Path, window: int = 20) -> None:
     kl_ax.set_title(f"Policy change per step ({window}-step average; dotted: bound)")
     for ax in (acc_ax, rej_ax, kl_ax):
         if ax.lines:
-            ax.legend()
+            ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
