@@ -1,6 +1,7 @@
 """GRPO with CAPO in TRL (``CAPOGRPOTrainer``) on the main example's arithmetic task.
 
-The task, tokenizer and policy are those of ``examples/grpo.py`` (``arith.py``, ``policy.py``):
+The task, tokenizer and policy are those of ``examples/grpo.py`` (``grpolab/arith.py``,
+``grpolab/policy.py``):
 prompts such as ``23+58=``, worked completions ending ``#81``, reward 1 for the right final answer;
 the policy is the warm-started 2-layer Qwen2, trained once (about 30 s) and cached. By default
 every optimizer step is bounded by the measured whole-policy trust region (mean per-token KL of
@@ -26,12 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the task and policy modules
-
-import arith
-import policy
 import torch
 from datasets import Dataset
+from grpolab import arith, policy
 from transformers import HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase
 
 from curvopt.integrations.trl import CAPOConfig, CAPOGRPOTrainer
@@ -43,7 +41,7 @@ TASK_ARGS = [
     "--max_steps", "300",
     "--per_device_train_batch_size", "32",
     "--num_generations", "8",
-    "--max_completion_length", str(arith.Task.addition(2, 1).max_new_tokens),
+    "--max_completion_length", str(arith.addition(2, 1).max_new_tokens),
     "--learning_rate", "3e-4",
     "--warmup_steps", "10",
     "--logging_steps", "10",
@@ -91,7 +89,7 @@ def make_model(
 def make_problems(n: int, digits: int, seed: int) -> Dataset:
     """``n`` training problems (never from the held-out test set): ``prompt`` and ``answer``."""
     held_out = min(256, 10 ** (2 * digits) // 4)  # the main example's test set (256 at 2 digits)
-    problems = arith.Task.addition(digits, held_out).sample(random.Random(seed), n)
+    problems = arith.addition(digits, held_out).sample(random.Random(seed), n)
     return Dataset.from_dict(
         {"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]}
     )

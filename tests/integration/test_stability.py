@@ -1,5 +1,5 @@
 """The stability study's bookkeeping: collapse, crossings, boundaries, the JSON and the figures
-(on synthetic run directories; the runs themselves are examples/grpo.py, tested elsewhere)."""
+(on synthetic run directories; the runs themselves are the example's, tested elsewhere)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-import stability
+from study import aggregate, report, stability
+from study.run import run_dir
 
 
 def fake_run(where: Path, variant: str, seed: int, curve: list[list[float]], rejected=0.0):
-    """A run directory as examples/grpo.py writes it."""
+    """A run directory as the example writes it."""
     where.mkdir(parents=True)
     accuracies = [a for _, a in curve]
     run = {
@@ -46,26 +47,26 @@ def fake_run(where: Path, variant: str, seed: int, curve: list[list[float]], rej
 
 
 def test_collapse_crossing_and_boundary():
-    assert stability.collapsed({"initial_accuracy": 0.4, "final_accuracy": 0.39})
-    assert not stability.collapsed({"initial_accuracy": 0.4, "final_accuracy": 0.4})
+    assert aggregate.collapsed({"initial_accuracy": 0.4, "final_accuracy": 0.39})
+    assert not aggregate.collapsed({"initial_accuracy": 0.4, "final_accuracy": 0.4})
     curve = [(0, 0.4), (100, 0.6), (200, 0.8), (300, 0.7)]
-    assert stability.first_crossing(curve, 0.7) == 200
-    assert stability.first_crossing(curve, 0.9) is None
+    assert aggregate.first_crossing(curve, 0.7) == 200
+    assert aggregate.first_crossing(curve, 0.9) is None
     rows = [
         {"method": "grpo", "lr": lr, "collapsed": c}
         for lr, cs in ((1e-4, (0, 0, 0)), (3e-4, (0, 1, 0)), (9e-4, (1, 1, 0)))
         for c in cs
     ]
-    assert stability.boundary(rows, "grpo") == 3e-4
-    assert stability.boundary(rows, "capo") is None
+    assert aggregate.boundary(rows, "grpo") == 3e-4
+    assert aggregate.boundary(rows, "capo") is None
     # a stable lr above an unstable one still counts: the highest lr that holds
     rows.append({"method": "grpo", "lr": 2e-3, "collapsed": False})
-    assert stability.boundary(rows, "grpo") == 2e-3
+    assert aggregate.boundary(rows, "grpo") == 2e-3
 
 
 def test_mean_curve_uses_the_common_evaluations():
     runs = [{"curve": [[0, 0.2], [10, 0.4], [20, 0.6]]}, {"curve": [[0, 0.4], [20, 0.8]]}]
-    assert stability.mean_curve(runs) == [(0, pytest.approx(0.3)), (20, pytest.approx(0.7))]
+    assert aggregate.mean_curve(runs) == [(0, pytest.approx(0.3)), (20, pytest.approx(0.7))]
 
 
 def test_aggregate_writes_the_json_fields_and_figures(tmp_path):
@@ -82,12 +83,12 @@ def test_aggregate_writes_the_json_fields_and_figures(tmp_path):
         for s in seeds:
             rejected = 0.02 if name == "capo-symmetric" else 0.0
             curve = [[c, a + 0.01 * s] for c, a in zip(grid, accs, strict=True)]
-            fake_run(stability.run_dir(out, name, s), name, s, curve, rejected)
+            fake_run(run_dir(out, name, s), name, s, curve, rejected)
     for name, finals in (("grpo-aggressive", (0.8, 0.2, 0.1)), ("capo_step-head", (0.9,) * 3)):
         for lr, final in zip((1e-4, 3e-4, 9e-4), finals, strict=True):
             for s in seeds:
                 curve = [[0, 0.4], [400, final]]
-                fake_run(stability.run_dir(out, name, s, lr), name, s, curve)
+                fake_run(run_dir(out, name, s, lr), name, s, curve)
     result = stability.main(
         ["--stage", "report", "--out", str(out), "--json", str(tmp_path / "s.json"),
          "--figures", str(tmp_path / "img"), "--lrs", "1e-4", "3e-4", "9e-4",
@@ -112,8 +113,8 @@ def test_aggregate_writes_the_json_fields_and_figures(tmp_path):
     for name in ("stability-accuracy.png", "stability-steps.png", "stability-lr.png"):
         assert (tmp_path / "img" / name).stat().st_size > 10_000
     assert "capo_step-head" in result["variants"]
-    assert "| GRPO, conservative | 0 of 3 |" in stability.table(result)
+    assert "| GRPO, conservative | 0 of 3 |" in report.table(result)
     # the step reaches the target (0.81) at 400 completions at every lr; GRPO only at 1e-4
     assert "| 0.0001 | 0 of 3, 80.0 ± 0.0, never | 0 of 3, 90.0 ± 0.0, 400 |" in (
-        stability.sweep_table(result)
+        report.sweep_table(result, stability.BY_NAME)
     )
