@@ -12,16 +12,14 @@ decides the optimizer and the tokens the loss sees.
   (default 1e-3), measured with forwards of the step's batch.
 - ``capo_step``: CAPO's curvature-aware step on a *predicted* KL: no rejection; each step scaled so
   the quadratic model of its KL over the parameters CAPO models (``--capo-params``; the head by
-  default, bound 1e-7) stays within the bound.
-
-:data:`TRUST_REGION` is the one switch between the two implementations of the trust region.
+  default, bound 1e-7) stays within the bound (``shift_estimate="jvp"``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -31,13 +29,7 @@ import curvopt
 if TYPE_CHECKING:
     from .config import Config
 
-__all__ = ["METHODS", "STATS", "TRUST_REGION", "Method", "candidate_memory"]
-
-#: How the ``trust_region`` method bounds the step. ``"measured"``: curvopt's measured trust region
-#: (``CAPO(opt, model=model, levels=(), max_policy_shift=bound)``, any attention kernel; see
-#: issue 12). ``"jvp"``: until that lands, the same bound on the whole-model jvp prediction
-#: (``head=..., params="all"``; forward-mode AD needs eager attention).
-TRUST_REGION: Literal["jvp", "measured"] = "jvp"
+__all__ = ["METHODS", "STATS", "Method", "candidate_memory"]
 
 #: what the per-step metrics keep of ``CAPO.stats`` (those present: some need options)
 STATS = (
@@ -51,6 +43,7 @@ STATS = (
     "step_policy_shift",
     "step_scale",
     "step_rejected",
+    "trust_region_trials",
 )
 
 
@@ -74,22 +67,16 @@ def _rejection(model: nn.Module, cfg: Config, bound: float | None) -> dict[str, 
 def _predicted_step(model: nn.Module, cfg: Config, bound: float | None) -> dict[str, Any]:
     # the step controller alone: no candidate models, no rejection
     return _rejection(model, cfg, bound) | dict(
-        levels=(), max_policy_shift=bound, step_reject_frac=cfg.step_reject_frac
+        levels=(),
+        max_policy_shift=bound,
+        shift_estimate="jvp",
+        step_reject_frac=cfg.step_reject_frac,
     )
 
 
 def _trust_region(model: nn.Module, cfg: Config, bound: float | None) -> dict[str, Any]:
-    if TRUST_REGION == "measured":
-        return dict(model=model, levels=(), max_policy_shift=bound, temperature=cfg.temperature)
-    return dict(
-        head=model.get_output_embeddings(),
-        model=model,
-        params="all",
-        levels=(),
-        max_policy_shift=bound,
-        temperature=cfg.temperature,
-        track_realised=True,
-    )
+    # built from the model alone: no rejection, the policy's KL per step measured and bounded
+    return dict(model=model, max_policy_shift=bound, temperature=cfg.temperature)
 
 
 @dataclass(frozen=True)
@@ -121,7 +108,7 @@ class Method:
     def eager(self, cfg: Config) -> bool:
         """Whether the method differentiates forward-mode through the model (no SDPA kernel)."""
         if self.name == "trust_region":
-            return TRUST_REGION == "jvp"
+            return False  # forwards only: any attention kernel
         return self.capo is not None and cfg.capo_params == "all"
 
     def reevaluates(self, cfg: Config) -> bool:
@@ -166,9 +153,7 @@ METHODS: dict[str, Method] = {
         Method("capo", "CAPO token rejection (paper)", _rejection, hidden=True),
         Method(
             "trust_region",
-            "Trust region (policy KL ≤ bound)"
-            if TRUST_REGION == "measured"
-            else "Trust region (jvp-predicted policy KL ≤ bound)",
+            "Trust region (policy KL ≤ bound)",
             _trust_region,
             default_bound=1e-3,
         ),

@@ -306,10 +306,7 @@ def test_sdpa_unless_the_method_needs_eager(tmp_path, model_dir):
         "--steps", "1",
     )  # fmt: skip
     attention = {r["variant"]: r["attention"] for r in summary["runs"]}
-    assert attention["grpo"] == attention["capo"] == "sdpa"
-    from grpolab.methods import TRUST_REGION
-
-    assert attention["trust_region"] == ("eager" if TRUST_REGION == "jvp" else "sdpa")
+    assert attention["grpo"] == attention["capo"] == attention["trust_region"] == "sdpa"
 
 
 def test_candidate_memory_counts_the_largest_tensors():
