@@ -17,6 +17,7 @@ from grpolab.report import moving_average
 
 __all__ = [
     "KL_FLOOR",
+    "bound_calibration",
     "boundary",
     "calibration",
     "collapsed",
@@ -57,13 +58,13 @@ def first_crossing(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((c for c, a in curve if a >= target), None)
 
 
-def boundary(rows: list[dict], method: str, max_collapsed: int = 1) -> float | None:
-    """The highest lr of ``method`` at which at most ``max_collapsed`` seeds collapse."""
-    lrs = sorted({r["lr"] for r in rows if r["method"] == method})
+def boundary(rows: list[dict], variant: str, max_collapsed: int = 1) -> float | None:
+    """The highest lr of ``variant`` at which at most ``max_collapsed`` seeds collapse."""
+    lrs = sorted({r["lr"] for r in rows if r["variant"] == variant})
     ok = [
         lr
         for lr in lrs
-        if sum(r["collapsed"] for r in rows if r["method"] == method and r["lr"] == lr)
+        if sum(r["collapsed"] for r in rows if r["variant"] == variant and r["lr"] == lr)
         <= max_collapsed
     ]
     return max(ok) if ok else None
@@ -101,6 +102,43 @@ def calibration(rows: list[dict]) -> dict | None:
         "realised_over_predicted_p90": q[-1],
         "tracked_kl_median": statistics.median(real for _, real in pairs),
         "whole_model_kl_median": statistics.median(whole) if whole else None,
+    }
+
+
+def bound_calibration(rows: list[dict], bound: float) -> dict | None:
+    """Per step of a run with a KL bound: the KL of the step taken ÷ the bound — as the trust
+    region measured it (``policy_shift_realised``) and by the example's own float64 forwards
+    after the step (``kl_exact``) — over the steps where the bound was active (scaled), and how
+    often it was, with the median trial forwards per step."""
+    active = [r for r in rows if r.get("step_scale", 1.0) < 1.0 and "policy_shift_realised" in r]
+    if not rows or "step_scale" not in rows[0]:
+        return None
+
+    def quantiles(values: list[float]) -> dict[str, float] | None:
+        if not values:
+            return None
+        values = sorted(values)
+        q = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
+        return {"median": statistics.median(values), "p10": q[0], "p90": q[-1],
+                "max": values[-1]}  # fmt: skip
+
+    trials = [r["trust_region_trials"] for r in rows if "trust_region_trials" in r]
+    return {
+        "steps": len(rows),
+        "active_steps": len(active),
+        "measured_over_bound": quantiles([r["policy_shift_realised"] / bound for r in active]),
+        "exact_over_bound": quantiles([r["kl_exact"] / bound for r in active if "kl_exact" in r]),
+        "all_steps_exact_over_bound": quantiles(
+            [r["kl_exact"] / bound for r in rows if "kl_exact" in r]
+        ),
+        "trials_median": statistics.median(trials) if trials else None,
+        "trials_mean": statistics.fmean(trials) if trials else None,
+        "scale_median": statistics.median(r["step_scale"] for r in rows),
+        "head_kl_share_median": (
+            statistics.median(r["head_kl_share"] for r in rows if "head_kl_share" in r)
+            if any("head_kl_share" in r for r in rows)
+            else None
+        ),
     }
 
 

@@ -35,6 +35,10 @@ COLOURS = {
     "capo_step-all": "tab:purple",
     "capo_step-all-reject": "tab:brown",
     "trust_region": "tab:cyan",
+    "trust_region-1e-4": "tab:gray",
+    "trust_region-3e-4": "teal",
+    "trust_region-1e-3": "tab:cyan",
+    "trust_region-3e-3": "navy",
 }
 
 
@@ -231,6 +235,44 @@ def calibration_table(result: dict) -> str:
             f"{max(c['realised_over_predicted_p90'] for c in cal):.3f}) "
             f"| {statistics.median(c['tracked_kl_median'] for c in cal):.2e} "
             f"| {f'{statistics.median(whole):.2e}' if whole else '–'} |"
+        )
+    return "\n".join(lines)
+
+
+def bound_table(result: dict) -> str:
+    """Per variant with a KL bound: how often the bound was active, the KL of the step taken ÷
+    the bound on those steps — as the trust region measured it and by the example's float64
+    forwards after the step — (median, p10–p90, highest), trial forwards per step, the output
+    layer's share of a step's KL."""
+    lines = [
+        "| variant | active steps | measured ÷ bound, median (p10–p90) | by forwards after the "
+        "step, median (p10–p90), highest | trials per step, mean | output layer's share |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def cell(qs: list[dict | None], highest: bool = False) -> str:
+        qs = [q for q in qs if q]
+        if not qs:
+            return "–"
+        out = (
+            f"{statistics.median(q['median'] for q in qs):.3f} "
+            f"({min(q['p10'] for q in qs):.3f}–{max(q['p90'] for q in qs):.3f})"
+        )
+        return out + (f", {max(q['max'] for q in qs):.3f}" if highest else "")
+
+    for info in result["variants"].values():
+        cal = [c for c in info.get("bound_calibration", []) if c]
+        if not cal:
+            continue
+        trials = [c["trials_mean"] for c in cal if c["trials_mean"] is not None]
+        share = [c["head_kl_share_median"] for c in cal if c["head_kl_share_median"] is not None]
+        active = sum(c["active_steps"] for c in cal) / max(1, sum(c["steps"] for c in cal))
+        lines.append(
+            f"| {info['label']} | {100 * active:.0f} % "
+            f"| {cell([c['measured_over_bound'] for c in cal])} "
+            f"| {cell([c['exact_over_bound'] for c in cal], highest=True)} "
+            f"| {f'{statistics.fmean(trials):.2f}' if trials else '–'} "
+            f"| {f'1/{1 / statistics.median(share):,.0f}' if share else '–'} |"
         )
     return "\n".join(lines)
 

@@ -25,7 +25,7 @@ class Variant:
 
     ``family``: ``"grpo"`` or ``"capo"``; ``rule``: ``"none"``, ``"symmetric"``, ``"theorem"``,
     ``"max_policy_shift"`` (predicted) or ``"trust_region"`` (measured); ``params``: what CAPO
-    models (``"-"``, ``"head"``, ``"all"``).
+    models (``"-"``, ``"head"``, ``"all"``); ``bound``: the KL bound per step, if any.
     """
 
     name: str
@@ -34,6 +34,7 @@ class Variant:
     params: str
     label: str
     args: tuple[str, ...]
+    bound: float | None = None
 
 
 @dataclass(frozen=True)

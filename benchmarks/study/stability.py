@@ -9,6 +9,9 @@ are reused, so an interrupted study resumes where it stopped.
     python benchmarks/stability.py --stage variants       # the variants only
     python benchmarks/stability.py --stage report         # re-aggregate what has run
 
+The variants include the measured trust region at four bounds (1e-4 to 3e-3): the evidence for
+its default. The learning-rate sweep runs GRPO and each ``--sweep-variants`` variant.
+
 Definitions (docs/results.md; :mod:`.aggregate` for collapse, crossings and boundaries): the
 *target* is conservative GRPO's mean final accuracy; the *efficiency ratio* is conservative GRPO's
 completions to target ÷ the best CAPO variant's.
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 from .aggregate import (
+    bound_calibration,
     boundary,
     calibration,
     collapsed,
@@ -33,7 +37,15 @@ from .aggregate import (
     mean_std,
     peak_rejection,
 )
-from .report import calibration_table, plot_accuracy, plot_steps, plot_sweep, sweep_table, table
+from .report import (
+    bound_table,
+    calibration_table,
+    plot_accuracy,
+    plot_steps,
+    plot_sweep,
+    sweep_table,
+    table,
+)
 from .run import Job, Variant, example_args, execute, run_dir
 
 __all__ = ["BY_NAME", "LRS", "VARIANTS", "aggregate", "main"]
@@ -56,19 +68,22 @@ VARIANTS = (
     Variant("capo_step-head", "capo", "max_policy_shift", "head",
             "CAPO step, head KL ≤ 1e-7, aggressive",
             ("--methods", "capo_step-aggressive", "--capo-params", "head",
-             "--max-policy-shift", "1e-7")),
+             "--max-policy-shift", "1e-7"), 1e-7),
     Variant("capo_step-all", "capo", "max_policy_shift", "all",
-            "CAPO step, whole-model KL ≤ 3e-4, aggressive",
+            "CAPO step, whole-model predicted KL ≤ 3e-4, aggressive",
             ("--methods", "capo_step-aggressive", "--capo-params", "all",
-             "--max-policy-shift", "3e-4")),
+             "--max-policy-shift", "3e-4"), 3e-4),
     Variant("capo_step-all-reject", "capo", "max_policy_shift", "all",
-            "CAPO step, whole-model KL ≤ 3e-4, ≤ 5 % largest-shift tokens rejected first, "
-            "aggressive",
+            "CAPO step, whole-model predicted KL ≤ 3e-4, ≤ 5 % largest-shift tokens rejected "
+            "first, aggressive",
             ("--methods", "capo_step-aggressive", "--capo-params", "all",
-             "--max-policy-shift", "3e-4", "--step-reject-frac", "0.05")),
-    Variant("trust_region", "capo", "trust_region", "all",
-            "Trust region, whole-policy KL ≤ 1e-3, aggressive",
-            ("--methods", "trust_region-aggressive", "--max-policy-shift", "1e-3")),
+             "--max-policy-shift", "3e-4", "--step-reject-frac", "0.05"), 3e-4),
+    *(
+        Variant(f"trust_region-{b}", "capo", "trust_region", "all",
+                f"Trust region, measured policy KL ≤ {b}, aggressive",
+                ("--methods", "trust_region-aggressive", "--max-policy-shift", b), float(b))
+        for b in ("1e-4", "3e-4", "1e-3", "3e-3")
+    ),
 )  # fmt: skip
 BY_NAME = {v.name: v for v in VARIANTS}
 LRS = (3e-5, 1e-4, 3e-4, 6e-4, 9e-4, 3e-3)  # 100×, around the aggressive 3e-4
@@ -76,7 +91,7 @@ CONSERVATIVE = "grpo-conservative"
 
 
 def aggregate(
-    out: Path, seeds: list[int], lrs: list[float], sweep_variant: str | None, window: int = 50
+    out: Path, seeds: list[int], lrs: list[float], sweep_variants: list[str], window: int = 50
 ) -> dict:
     """Everything the JSON and the docs report, from the run directories under ``out``."""
     variants: dict[str, dict] = {}
@@ -97,6 +112,8 @@ def aggregate(
                 collapsed=collapsed(run),
                 peak_rejected_frac=peak_rejection(rows, window),
                 calibration=calibration(rows),
+                bound=v.bound,
+                bound_calibration=None if v.bound is None else bound_calibration(rows, v.bound),
             )
             entries.append(entry)
         runs += entries
@@ -115,6 +132,8 @@ def aggregate(
             "seconds_per_run": statistics.fmean(e.get("seconds", 0.0) for e in entries),
             "mean_curve": mean_curve(entries),
             "calibration": [e["calibration"] for e in entries],
+            "bound": v.bound,
+            "bound_calibration": [e["bound_calibration"] for e in entries],
         }
     result: dict = {"seeds": len(seeds), "variants": variants, "runs": runs}
     if CONSERVATIVE in variants:
@@ -134,9 +153,7 @@ def aggregate(
         mine = variants[best].get("completions_to_target")
         result["efficiency_ratio"] = base / mine if base and mine else None
     sweep, curves = [], {}
-    for name in ("grpo-aggressive", sweep_variant):
-        if name is None:
-            continue
+    for name in ("grpo-aggressive", *sweep_variants):
         for lr in lrs:
             for s in seeds:
                 loaded = load(run_dir(out, name, s, lr))
@@ -160,12 +177,16 @@ def aggregate(
                 )
     if sweep:
         result["lr_sweep"] = sweep
-        bounds = {m: boundary(sweep, m) for m in ("grpo", "capo")}
+        names = sorted({r["variant"] for r in sweep})
+        bounds = {n: boundary(sweep, n) for n in names}
         result["collapse_boundary"] = bounds
-        result["stable_lr_ratio"] = (
-            bounds["capo"] / bounds["grpo"] if bounds["capo"] and bounds["grpo"] else None
-        )
-        result["sweep_variant"] = sweep_variant
+        grpo = bounds.get("grpo-aggressive")
+        result["stable_lr_ratio"] = {
+            n: (b / grpo if b and grpo else None)
+            for n, b in bounds.items()
+            if n != "grpo-aggressive"
+        }
+        result["sweep_variants"] = list(sweep_variants)
         target = result.get("target_accuracy")
         result["sweep_completions_to_target"] = [
             {
@@ -190,10 +211,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
     parser.add_argument(
-        "--sweep-variant",
-        default="capo_step-all",
+        "--sweep-variants",
+        nargs="*",
+        default=["capo_step-all", "trust_region-1e-3"],
         choices=[v.name for v in VARIANTS if v.family == "capo"],
-        help="the CAPO variant swept against GRPO (the best one)",
+        help="the CAPO variants swept against GRPO",
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--out", default="runs/evidence", help="the runs' directories")
@@ -214,13 +236,13 @@ def main(argv: list[str] | None = None) -> dict:
         jobs = []
         for lr in args.lrs:
             for s in args.seeds:
-                for name in ("grpo-aggressive", args.sweep_variant):
+                for name in ("grpo-aggressive", *args.sweep_variants):
                     where = run_dir(out, name, s, lr)
                     jobs.append(
                         Job(example_args(BY_NAME[name], s, where, lr, args.grpo_args), where)
                     )
         execute(jobs, args.jobs)
-    result = aggregate(out, args.seeds, args.lrs, args.sweep_variant)
+    result = aggregate(out, args.seeds, args.lrs, args.sweep_variants)
     result["command"] = " ".join(["python", "benchmarks/stability.py", *(argv or sys.argv[1:])])
     result["this_invocation_seconds"] = time.time() - began
     # the runs' own time, one thread each (wall time is about half with --jobs 2)
@@ -236,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         plot_steps(result, VARIANTS, out, args.seeds, figures / "stability-steps.png")
         print(table(result))
         print(calibration_table(result))
+        print(bound_table(result))
     if result.get("lr_sweep"):
         plot_sweep(result, BY_NAME, figures / "stability-lr.png")
         print(sweep_table(result, BY_NAME))
