@@ -24,6 +24,12 @@ The tracker is given the logits, as a training loop has them. Usage::
         --plot docs/img/performance.png
     python benchmarks/bench_tracker.py --profile --tokens 1024   # where frozen_full's time goes
     python benchmarks/bench_tracker.py --step-model-parts        # where step_model's time goes
+    python benchmarks/bench_tracker.py --trust-region 2 24 \
+        --json benchmarks/results/trust-region.json
+
+``--trust-region LAYERS...`` measures the measured whole-policy trust region instead
+(:mod:`trust_region_cost`): its extra time per step in forwards of the batch, bound inactive and
+active, and its peak memory, at each number of layers.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import trust_region_cost
 
 import curvopt
 from curvopt.heads.whole import step_logit_change
@@ -368,9 +375,29 @@ def main() -> None:
         "--step-model-parts", action="store_true",
         help="time the parts of the whole-model step model at the first N (--layers), only",
     )  # fmt: skip
+    parser.add_argument(
+        "--trust-region", type=int, nargs="+", default=None, metavar="LAYERS",
+        help="time the measured trust region's step at these numbers of layers, only",
+    )  # fmt: skip
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_trust-region-memory", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    n_first = (args.tokens or [1024])[0]
+    if args._trust_region_memory is not None:
+        print(json.dumps(trust_region_cost.peak(args._trust_region_memory, n_first, device)))
+        return
+    if args.trust_region:
+        rows = {}
+        for layers in args.trust_region:
+            rows[layers] = trust_region_cost.measure(layers, n_first, device, args.repeats or 3)
+            print(trust_region_cost.report(rows, n_first), flush=True)
+        if args.json:
+            record = {"machine": machine(device), "N": n_first, "by_layers": rows}
+            record["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
+            with open(args.json, "w") as f:
+                json.dump(record, f, indent=2)
+        return
     if args.profile:
         print(profile((args.tokens or [1024])[0], device))
         return

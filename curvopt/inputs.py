@@ -13,10 +13,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Batch", "Forward", "Inputs"]
+__all__ = ["Batch", "Forward", "HeadInput", "Inputs", "LogitsForward", "PolicyOutput"]
 
-# The policy beyond the head: maps the model to the raw logits [B, T, V] of the completion tokens.
-Forward = Callable[[nn.Module], Tensor]
+
+@dataclass(frozen=True)
+class HeadInput:
+    """The policy's logits given by the states entering a linear head, formed in chunks.
+
+    ``logits = hidden @ weight.T + bias``: ``hidden [B, T, H]``, ``weight [V, H]``, ``bias [V]``
+    or None. Used instead of a ``[B, T, V]`` tensor wherever curvopt measures a policy.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+
+PolicyOutput = Tensor | HeadInput
+
+# The policy beyond the head: maps the model to the raw logits [B, T, V] of the completion tokens
+# (or, for the trust region, the states entering its linear head).
+Forward = Callable[[nn.Module], PolicyOutput]
+# What forward-mode AD over the model differentiates: the logits themselves.
+LogitsForward = Callable[[nn.Module], Tensor]
 
 
 @dataclass(frozen=True)

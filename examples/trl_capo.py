@@ -1,12 +1,18 @@
 """GRPO with CAPO in TRL (``CAPOGRPOTrainer``) on the main example's arithmetic task.
 
-The task, tokenizer and policy are those of ``examples/grpo.py`` (``arith.py``, ``policy.py``):
+The task, tokenizer and policy are those of ``examples/grpo.py`` (``grpolab/arith.py``,
+``grpolab/policy.py``):
 prompts such as ``23+58=``, worked completions ending ``#81``, reward 1 for the right final answer;
-the policy is the warm-started 2-layer Qwen2, trained once (about 30 s) and cached. Every
-``CAPOConfig`` option parses from the command line::
+the policy is the warm-started 2-layer Qwen2, trained once (about 30 s) and cached. By default
+every optimizer step is bounded by the measured whole-policy trust region (mean per-token KL of
+the policy per step at most ``capo_max_policy_shift``, 1e-3). Every ``CAPOConfig`` option parses
+from the command line::
 
-    python examples/trl_capo.py --smoke                      # 2 steps on CPU, prints the metrics
-    python examples/trl_capo.py --max_steps 300 --capo_max_policy_shift 1e-7
+    python examples/trl_capo.py --smoke                # 2 steps on CPU, prints the metrics
+    python examples/trl_capo.py --max_steps 300 --capo_max_policy_shift 3e-4
+    # the paper's token rejection instead of the trust region
+    python examples/trl_capo.py --capo_levels token --capo_max_policy_shift none \
+        --capo_rule symmetric --capo_delta_h 1e-2 --capo_delta_f 1e-4
 """
 
 from __future__ import annotations
@@ -21,24 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the task and policy modules
-
-import arith
-import policy
 import torch
 from datasets import Dataset
+from grpolab import arith, policy
 from transformers import HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase
 
 from curvopt.integrations.trl import CAPOConfig, CAPOGRPOTrainer
 
 # Defaults for this task, before the user's flags (argparse keeps the last occurrence of a flag):
-# the main example's aggressive regime (32 completions per step at 5× its conservative lr) with
-# the paper's thresholds.
+# the main example's aggressive regime (32 completions per step at 5× its conservative lr), where
+# the trust region (CAPOConfig's default) keeps training stable.
 TASK_ARGS = [
     "--max_steps", "300",
     "--per_device_train_batch_size", "32",
     "--num_generations", "8",
-    "--max_completion_length", str(arith.Task.addition(2, 1).max_new_tokens),
+    "--max_completion_length", str(arith.addition(2, 1).max_new_tokens),
     "--learning_rate", "3e-4",
     "--warmup_steps", "10",
     "--logging_steps", "10",
@@ -46,10 +49,6 @@ TASK_ARGS = [
     "--use_vllm", "false",
     "--report_to", "none",
     "--save_strategy", "no",
-    "--capo_rule", "symmetric",
-    "--capo_delta_h", "1e-2",
-    "--capo_delta_f", "1e-4",
-    "--capo_track_realised", "true",
 ]  # fmt: skip
 # --smoke: 2 small steps on CPU.
 SMOKE_ARGS = [
@@ -90,7 +89,7 @@ def make_model(
 def make_problems(n: int, digits: int, seed: int) -> Dataset:
     """``n`` training problems (never from the held-out test set): ``prompt`` and ``answer``."""
     held_out = min(256, 10 ** (2 * digits) // 4)  # the main example's test set (256 at 2 digits)
-    problems = arith.Task.addition(digits, held_out).sample(random.Random(seed), n)
+    problems = arith.addition(digits, held_out).sample(random.Random(seed), n)
     return Dataset.from_dict(
         {"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]}
     )
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> CAPOGRPOTrainer:
         processing_class=tokenizer,
     )
     trainer.train()
-    logged = [h for h in trainer.state.log_history if "capo/rejected_frac" in h]
+    logged = [h for h in trainer.state.log_history if "capo/skipped_frac" in h]
     last = logged[-1] if logged else {}
     for key in sorted(k for k in last if k.startswith("capo/") or k == "reward"):
         print(f"{key:32s} {last[key]:.6g}")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from ..inputs import Batch, Forward, Inputs
+from ..inputs import Batch, Forward, Inputs, LogitsForward
 from ..optimizers.rules import UpdateRule
 from ..policy import LogitTransform
 from ..quadratic import LogitMoments, Moments, action_residual
@@ -46,7 +46,7 @@ Params = tuple[Tensor, ...]
 class _Call(nn.Module):
     """``forward(model)`` as a module, so ``functional_call`` can swap the model's parameters."""
 
-    def __init__(self, model: nn.Module, forward: Forward) -> None:
+    def __init__(self, model: nn.Module, forward: LogitsForward) -> None:
         super().__init__()
         self.model = model
         self.fn = forward
@@ -96,7 +96,7 @@ def resolve_params(
 
 
 def _logits_fn(
-    model: nn.Module, names: Sequence[str], forward: Forward
+    model: nn.Module, names: Sequence[str], forward: LogitsForward
 ) -> Callable[[tuple[Tensor, ...]], Tensor]:
     call = _Call(model, forward)
     keys = ["model." + n for n in names]
@@ -112,7 +112,7 @@ def step_logit_change(
     names: Sequence[str],
     params: Sequence[Tensor],
     deltas: Sequence[Tensor],
-    forward: Forward,
+    forward: LogitsForward,
     *,
     curvature: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -146,13 +146,13 @@ class WholeModel(Head):
         self.params = params
         self.transform = transform
 
-    def _forward(self, inputs: Inputs) -> Forward:
+    def _forward(self, inputs: Inputs) -> LogitsForward:
         if not callable(inputs.forward):
             raise TypeError(
                 "forward: tracking params other than 'head' needs a callable mapping the "
                 f"model to the completion logits [B, T, V], got {type(inputs.forward).__name__}"
             )
-        return inputs.forward
+        return _logits_only(inputs.forward)
 
     def complete(self, inputs: Inputs) -> Inputs:
         forward = self._forward(inputs)
@@ -237,7 +237,7 @@ class WholeModel(Head):
         flat_actions[pos] = batch.actions[tokens]
         coef = torch.zeros(B * T, dtype=dtype, device=device)
         coef[pos] = batch.adv[tokens]
-        logits = _logits_fn(self.model, self.names, batch.forward)
+        logits = _logits_fn(self.model, self.names, _logits_only(batch.forward))
         params = tuple(p.detach().to(dtype) for p in self.params)
         transform = self.transform
 
@@ -281,3 +281,19 @@ class WholeModel(Head):
             m.add(ui * d1, probs, v, rt)
             out.append(m.moments)
         return out
+
+
+def _logits_only(forward: Forward) -> LogitsForward:
+    """``forward``, required to return the logits themselves (forward-mode AD differentiates
+    them; a :class:`~curvopt.inputs.HeadInput` is for the measured trust region)."""
+
+    def logits(model: nn.Module) -> Tensor:
+        out = forward(model)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                "forward: tracking params other than 'head' differentiates the logits: it must "
+                f"return the completion logits [B, T, V] (a Tensor), got {type(out).__name__}"
+            )
+        return out
+
+    return logits

@@ -19,12 +19,11 @@ blocks, converted to float32 (float64 when an input is float64) whatever the mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from .. import fusion
+from ..inputs import HeadInput, PolicyOutput
 from ..policy import LogitTransform
 from ..precision import full_precision
 
@@ -39,22 +38,6 @@ HEAD_TOKENS = 512
 RECENTRE = 0.5
 # Above this logit change a block is formed in float64 (e^a would overflow float32 near 88).
 _WIDE = 50.0
-
-
-@dataclass(frozen=True)
-class HeadInput:
-    """The policy's logits given by the states entering a linear head, formed in chunks.
-
-    ``logits = hidden @ weight.T + bias``: ``hidden [B, T, H]``, ``weight [V, H]``, ``bias [V]``
-    or None. Used instead of a ``[B, T, V]`` tensor wherever curvopt measures a policy.
-    """
-
-    hidden: Tensor
-    weight: Tensor
-    bias: Tensor | None = None
-
-
-PolicyOutput = Tensor | HeadInput
 
 
 def vocab_size(out: PolicyOutput) -> int:

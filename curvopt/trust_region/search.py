@@ -3,12 +3,14 @@ constraint, as in TRPO: Schulman et al., 2015, arXiv 1502.05477).
 
 ``m(s)`` is the measured mean per-token KL of the policy after the step at scale ``s`` (the
 update ``s·Δθ``). Near ``s = 0``, ``m(s) = ½s²·ΔθᵀF̄Δθ + O(s³)``; further out it grows like some
-power ``s^p``. The search measures ``m(1)``; if it is within ``tolerance × bound`` the step is
-taken whole. Otherwise it aims at ``target × bound`` by the power law ``s' = s·(target·bound /
-m(s))^(1/p)`` (``p`` starts at the exponent learnt on earlier steps, 2 at first, and is re-fitted
-from the last two measurements), and accepts the first scale whose KL lies in
-``[floor, tolerance] × bound``: never over the bound by more than the tolerance, never needlessly
-small. A non-finite measurement ends the search: the step must not be taken.
+power ``s^p``, with ``p`` below 2 far out where the softmax saturates. The search measures
+``m(1)``; if it is within ``tolerance × bound`` the step is taken whole. Otherwise it aims at
+``target × bound`` by a power law, ``s' = s·(target·bound / m(s))^(1/p)``: first from ``s = 1``
+with the exponent the last scaled step had between ``s = 1`` and its scale (2 at first: steps are
+alike, so this usually lands), then from the trial nearest the aim with the exponent between the
+last two trials. It accepts the first scale whose KL lies in ``[floor, tolerance] × bound``: never
+over the bound by more than the tolerance, never needlessly small. A non-finite measurement ends
+the search: the step must not be taken.
 """
 
 from __future__ import annotations
@@ -51,14 +53,14 @@ class Search:
         floor: when the step is scaled, its KL is at least this fraction of the bound.
         target: the fraction of the bound each extrapolation aims at (within [floor, tolerance]).
         max_trials: measurements per step, the whole step's included.
-        exponent: the power ``p`` the first extrapolation assumes; after a step that needed
-            two or more measurements, the exponent last fitted on it.
+        exponent: the power ``p`` the first extrapolation from ``s = 1`` assumes; after each
+            scaled step, ``log(m(1) / m(s)) / log(1 / s)`` of its accepted scale.
     """
 
     bound: float
     tolerance: float = 1.1
     floor: float = 0.5
-    target: float = 0.8
+    target: float = 0.75
     max_trials: int = 5
     exponent: float = 2.0
 
@@ -81,33 +83,36 @@ class Search:
         taken; if there is none, no scale is.
         """
         high, low = self.tolerance * self.bound, self.floor * self.bound
+        aim = self.target * self.bound
         trials = [(1.0, float(measure(1.0)))]
         if not math.isfinite(trials[0][1]):
             return SearchResult(None, math.nan, trials)
         if trials[0][1] <= high:
             return SearchResult(1.0, trials[0][1], trials)
-        p = self.exponent
-        fitted = []
+        # from the whole step, by the exponent the last scaled step had from s = 1 to its scale
+        base, p = trials[0], self.exponent
         while len(trials) < self.max_trials:
-            s, m = trials[-1]
-            nxt = min(1.0, s * (self.target * self.bound / m) ** (1.0 / p)) if m > 0 else 1.0
+            s, m = base
+            nxt = min(1.0, s * (aim / m) ** (1.0 / p)) if m > 0 else 1.0
             if any(nxt == t for t, _ in trials):
                 break
             kl = float(measure(nxt))
             trials.append((nxt, kl))
             if not math.isfinite(kl):
                 return SearchResult(None, math.nan, trials)
-            if kl > 0 and m > 0 and nxt != s:
-                p = min(4.0, max(1.0, math.log(kl / m) / math.log(nxt / s)))
-                fitted.append(p)
             if low <= kl <= high:
                 break
-        if fitted:
-            self.exponent = fitted[-1]
+            # on: from the trial nearest the aim, by the exponent between the last two trials
+            (s0, m0), (s1, m1) = trials[-2:]
+            if m0 > 0 and m1 > 0 and s0 != s1:
+                p = min(4.0, max(1.0, math.log(m1 / m0) / math.log(s1 / s0)))
+            base = min(trials, key=lambda t: abs(math.log(t[1] / aim)) if t[1] > 0 else math.inf)
         safe = [(s, m) for s, m in trials if m <= high]
         if not safe:
             return SearchResult(None, math.nan, trials)
         s, m = max(safe)
+        if s < 1 and m > 0:
+            self.exponent = min(4.0, max(1.0, math.log(trials[0][1] / m) / math.log(1 / s)))
         return SearchResult(s, m, trials)
 
     def state_dict(self) -> dict[str, float]:

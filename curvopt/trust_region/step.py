@@ -99,9 +99,10 @@ class Transaction(ABC):
 
     @torch.no_grad()
     def move(self, scale: float) -> None:
-        """Write ``θ0 + scale·Δθ`` into the parameters."""
+        """Write ``θ0 + scale·Δθ`` into the parameters (summed in Δθ's dtype, then rounded)."""
         for local, start, delta in self._deltas():
-            local.copy_(torch.add(start.to(delta.dtype), delta, alpha=scale))
+            local.copy_(start)
+            local.add_(delta, alpha=scale)
         self.scale = scale
 
     @abstractmethod

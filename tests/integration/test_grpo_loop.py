@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import arith
-import grpo
-import policy
 import pytest
 import torch
+from grpolab import arith, cli, config, policy
 
 TINY = [
     "--seeds", "0",
@@ -29,7 +27,7 @@ def _rows(out: Path) -> list[dict]:
 
 def _run(tmp_path: Path, *args: str) -> tuple[dict, list[dict], Path]:
     out = tmp_path / "out"
-    summary = grpo.main([*TINY, "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *args])
+    summary = cli.main([*TINY, "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *args])
     return summary, _rows(out), out
 
 
@@ -172,17 +170,18 @@ def test_warm_start_is_cached(tmp_path, monkeypatch):
 
 
 def test_quick_defaults_yield_to_explicit_options():
-    quick = grpo.parse(["--quick"])
-    assert quick.seeds == grpo.QUICK["seeds"] and quick.steps == grpo.QUICK["steps"]
-    assert grpo.parse(["--quick", "--steps", "7"]).steps == 7
-    assert grpo.parse([]).steps != grpo.QUICK["steps"]
+    QUICK = config.PROFILES["toy"]["quick"]
+    quick = config.parse(["--quick"])
+    assert quick.seeds == QUICK["seeds"] and quick.steps == QUICK["steps"]
+    assert config.parse(["--quick", "--steps", "7"]).steps == 7
+    assert config.parse([]).steps != QUICK["steps"]
     with pytest.raises(SystemExit):
-        grpo.parse(["--methods", "ppo-aggressive"])
+        config.parse(["--methods", "ppo-aggressive"])
 
 
 def test_every_run_gets_the_same_completion_budget():
-    cfg = grpo.parse(["--steps", "120", "--methods", *grpo.METHODS])
-    runs = grpo.plan(cfg)
+    cfg = config.parse(["--steps", "120", "--methods", *config.METHODS])
+    runs = config.plan(cfg)
     budgets = {r.steps * r.prompts * cfg.group for r in runs}
     assert budgets == {120 * cfg.aggressive_prompts * cfg.group}
     aggressive = next(r for r in runs if r.regime == "aggressive")

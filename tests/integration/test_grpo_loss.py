@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from grpo_loss import completion_mask, group_advantages, policy_loss, token_logps
+from grpolab.loss import completion_mask, group_advantages, policy_loss, token_logps
 from hypothesis import given
 from hypothesis import strategies as st
 

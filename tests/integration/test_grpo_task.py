@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import random
 
-import arith
 import pytest
+from grpolab import arith
+from grpolab.task import Problem, from_rows, load_jsonl
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -56,7 +57,7 @@ def test_malformed_examples_earn_nothing(text):
 
 
 def test_prompts_have_fixed_width():
-    assert arith.make_problem(3, 7, 2) == arith.Problem("03+07=", "10")
+    assert arith.make_problem(3, 7, 2) == Problem("03+07=", "10")
     assert arith.solution(23, 58, 2) == "11,08#81"
     assert arith.solution(99, 99, 2) == "18,19#198"
 
@@ -83,28 +84,28 @@ def test_tokenizer_pads_left_and_saves(tmp_path):
 
 
 def test_train_and_test_problems_are_disjoint():
-    task = arith.Task.addition(digits=1, test_size=40)
+    task = arith.addition(digits=1, test_size=40)
     test = {p.prompt for p in task.test}
     assert len(test) == 40
     train = task.sample(random.Random(0), 2000)
     assert not test & {p.prompt for p in train}
-    assert arith.Task.addition(digits=1, test_size=40).test == task.test
+    assert arith.addition(digits=1, test_size=40).test == task.test
 
 
 def test_jsonl_task_holds_out_rows(tmp_path):
     rows = [{"prompt": f"{i}+1=", "answer": i + 1} for i in range(10)]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    task = arith.Task.from_jsonl(path, test_size=3, max_new_tokens=8)
+    task = from_rows(load_jsonl(path), test_size=3, max_new_tokens=8, check=arith.check)
     assert len(task.test) == 3 and task.test[0].answer.isdigit()
     test = {p.prompt for p in task.test}
     assert not test & {p.prompt for p in task.sample(random.Random(0), 100)}
     with pytest.raises(ValueError, match="test_size"):
-        arith.Task.from_jsonl(path, test_size=10, max_new_tokens=8)
+        from_rows(load_jsonl(path), test_size=10, max_new_tokens=8, check=arith.check)
 
 
 def test_jsonl_rows_need_prompt_and_answer(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "1+1="}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
-        arith.load_jsonl(path)
+        load_jsonl(path)

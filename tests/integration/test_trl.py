@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,12 +29,15 @@ from curvopt.integrations.trl import (
     CAPOGRPOTrainer,
     logit_transform,
 )
+from curvopt.settings import DEFAULT_MAX_POLICY_SHIFT
 
 ROOT = Path(__file__).resolve().parents[2]
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 TEMPERATURE = 0.7
 LR = 1e-3
 B, P, T = 4, 3, 6
+# The paper's token rejection, without the trust region (the trainer's default)
+TOKEN_REJECTION = dict(capo_levels=["token"], capo_max_policy_shift=None)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +166,7 @@ def test_gradient_is_trl_loss_over_kept_tokens(loss_type, tools, model_dir, toke
         tmp_path,
         loss_type=loss_type,
         importance_sampling_level=sequence,
+        **TOKEN_REJECTION,
         capo_delta_h=-1e9,
         capo_delta_f=delta_f,
     )
@@ -191,17 +196,39 @@ def test_gradient_is_trl_loss_over_kept_tokens(loss_type, tools, model_dir, toke
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_no_levels_keeps_trl_loss_mask_and_scales_the_step(model_dir, tokenizer, tmp_path):
-    """``capo_levels=[]``: every token TRL trains on is kept; the step controller still acts."""
+def test_the_default_keeps_trl_loss_mask_and_measures_without_logits(
+    model_dir, tokenizer, tmp_path
+):
+    """The default, the trust region alone: every token TRL trains on is kept, and each trial
+    forward of the step runs the model with logits_to_keep=1, so the head never forms
+    [B, T, V]."""
     model = Qwen2ForCausalLM.from_pretrained(model_dir)
     inputs = _inputs(model)
-    args = _config(tmp_path, capo_levels=[], capo_max_policy_shift=1e-12)
-    trainer = _trainer(model, tokenizer, args)
-    assert trainer.capo.rejector.levels == ()
+    trainer = _trainer(model, tokenizer, _config(tmp_path, learning_rate=1.0))
+    assert trainer.capo.rejector.levels == () and trainer.capo.tracker is None
     trainer._buffered_inputs, trainer._step = [inputs], 1
     trainer.training_step(model, None)
     assert trainer.capo.stats["kept_tokens"] == _loss_mask(inputs).sum()
     assert "objective_shift_mean" not in trainer.capo.stats
+    head_outputs = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: head_outputs.append(out.shape))
+    trainer.capo.step()
+    hook.remove()
+    stats = trainer.capo.stats
+    assert len(head_outputs) == stats["trust_region_trials"] >= 2
+    assert all(shape == (B, 1, model.config.vocab_size) for shape in head_outputs)
+    assert 0 < stats["step_scale"] < 1
+    assert stats["policy_shift_realised"] <= 1.1 * trainer.capo.max_policy_shift
+
+
+def test_the_output_layers_predicted_bound_is_still_available(model_dir, tokenizer, tmp_path):
+    """``capo_shift_estimate="jvp"``: the step scaled by the output layer's quadratic model."""
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    args = _config(tmp_path, capo_shift_estimate="jvp", capo_max_policy_shift=1e-12)
+    trainer = _trainer(model, tokenizer, args)
+    assert trainer.capo.trust_region is None and trainer.capo.predicted is not None
+    trainer._buffered_inputs, trainer._step = [_inputs(model)], 1
+    trainer.training_step(model, None)
     trainer.capo.step()
     assert 0 < trainer.capo.stats["step_scale"] < 1
 
@@ -223,6 +250,7 @@ def test_dapo_normalises_by_the_kept_tokens_of_the_whole_step(model_dir, tokeniz
         loss_type="dapo",
         gradient_accumulation_steps=2,
         steps_per_generation=2,
+        **TOKEN_REJECTION,
         capo_delta_h=-1e9,
         capo_delta_f=delta_f,
     )
@@ -252,9 +280,9 @@ def test_dapo_normalises_by_the_kept_tokens_of_the_whole_step(model_dir, tokeniz
 
 def test_policy_is_the_one_trl_optimises(model_dir, tokenizer, tmp_path):
     trainer = _trainer(Qwen2ForCausalLM.from_pretrained(model_dir), tokenizer, _config(tmp_path))
-    transform = trainer.capo.tracker.transform
+    transform = trainer.capo.transform
     assert (transform.temperature, transform.scale, transform.softcap) == (TEMPERATURE, 1.0, None)
-    assert trainer.capo.tracker.head is trainer.model.lm_head
+    assert trainer.capo.head is trainer.model.lm_head
 
 
 @pytest.mark.parametrize(
@@ -279,74 +307,103 @@ def test_config_parses_from_the_command_line(tmp_path):
     command_line = (
         f"--output_dir {tmp_path} --bf16 false --capo_rule symmetric --capo_delta_h 1e-2 "
         "--capo_delta_f 2e-4 --capo_levels token sequence --capo_top_k 50 --capo_fisher true "
-        "--capo_direction shadow --capo_track_realised --capo_allow_tied_head "
-        "--capo_max_policy_shift 3e-4"
+        "--capo_direction shadow --capo_track_realised --capo_max_policy_shift 3e-4 "
+        "--capo_shift_estimate jvp"
     )
     (args,) = parser.parse_args_into_dataclasses(command_line.split())
     assert (args.capo_rule, args.capo_delta_h, args.capo_delta_f) == ("symmetric", 1e-2, 2e-4)
     assert (args.capo_levels, args.capo_top_k) == (["token", "sequence"], 50)
     assert (args.capo_fisher, args.capo_direction) == ("true", "shadow")
-    assert args.capo_track_realised and args.capo_allow_tied_head
-    assert args.capo_max_policy_shift == 3e-4
+    assert args.capo_track_realised
+    assert (args.capo_max_policy_shift, args.capo_shift_estimate) == (3e-4, "jvp")
+    paper = f"--output_dir {tmp_path} --bf16 false --capo_levels token --capo_max_policy_shift none"
+    (args,) = parser.parse_args_into_dataclasses(paper.split())
+    assert (args.capo_levels, args.capo_max_policy_shift) == (["token"], None)
     defaults = _config(tmp_path)
-    assert (defaults.capo_rule, defaults.capo_delta_f, defaults.capo_levels) == (
+    assert (defaults.capo_levels, defaults.capo_max_policy_shift) == ([], DEFAULT_MAX_POLICY_SHIFT)
+    assert (defaults.capo_shift_estimate, defaults.capo_rule, defaults.capo_delta_f) == (
+        "measured",
         "theorem",
         1e-4,
-        ["token"],
     )
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(f"--output_dir {tmp_path} --capo_rule x".split())
     with pytest.raises(ValueError, match="levels"):
         _config(tmp_path, capo_levels=["token", "tokens"])
+    with pytest.raises(ValueError, match="capo_max_policy_shift"):
+        _config(tmp_path, capo_max_policy_shift="off")
+    with pytest.raises(ValueError, match="capo_max_policy_shift"):
+        _config(tmp_path, capo_max_policy_shift=0.0)
 
 
-def test_tied_head_raises_unless_allowed(tokenizer, tmp_path):
+def test_a_tied_head_needs_no_flag_and_the_token_models_warn(tokenizer, tmp_path):
+    """Tied embeddings train with the trust region without a word; token rejection warns that
+    its model leaves out the embedding's share; capo_allow_tied_head is a deprecated no-op."""
     torch.manual_seed(0)
     model = example.make_model(tokenizer, hidden_size=32, layers=1)
     model.config.tie_word_embeddings = True
     model.tie_weights()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    with pytest.raises(ValueError, match="capo_allow_tied_head"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         _trainer(model, tokenizer, _config(tmp_path, beta=0.0))
-    trainer = _trainer(model, tokenizer, _config(tmp_path, beta=0.0, capo_allow_tied_head=True))
+    with pytest.warns(UserWarning, match="tied to the input embedding.*embedding's share"):
+        trainer = _trainer(model, tokenizer, _config(tmp_path, beta=0.0, **TOKEN_REJECTION))
     assert trainer.capo.tracker.params[0] is model.model.embed_tokens.weight
+    with pytest.warns(DeprecationWarning, match="capo_allow_tied_head"):
+        args = _config(tmp_path, capo_allow_tied_head=True)
+    assert args.capo_levels == []
 
 
 @pytest.mark.parametrize(
-    "attribute",
-    ["is_deepspeed_enabled", "is_fsdp_enabled", "is_distributed_loading_by_transformers"],
+    ("attribute", "backend"),
+    [
+        ("is_deepspeed_enabled", "DeepSpeed"),
+        ("is_fsdp_enabled", "FSDP"),
+        ("is_distributed_loading_by_transformers", "tensor parallelism"),
+    ],
 )
-def test_sharding_backends_raise(attribute, model_dir, tokenizer, tmp_path):
+def test_sharding_backends_raise_naming_what_is_supported(
+    attribute, backend, model_dir, tokenizer, tmp_path
+):
     trainer = _trainer(Qwen2ForCausalLM.from_pretrained(model_dir), tokenizer, _config(tmp_path))
     setattr(trainer, attribute, True)
-    with pytest.raises(ValueError, match="DDP"):
+    with pytest.raises(ValueError, match=f"not support .*{backend}.*one process or with DDP"):
         trainer._check_supported()
 
 
-def test_global_normaliser_with_entropy_bonus_raises(model_dir, tokenizer, tmp_path):
+def test_global_normaliser_with_entropy_bonus_raises_with_token_rejection(
+    model_dir, tokenizer, tmp_path
+):
     model = Qwen2ForCausalLM.from_pretrained(model_dir)
     with pytest.raises(ValueError, match="entropy bonus"):
-        _trainer(model, tokenizer, _config(tmp_path, loss_type="dapo", entropy_coef=0.01))
+        _trainer(
+            model,
+            tokenizer,
+            _config(tmp_path, loss_type="dapo", entropy_coef=0.01, **TOKEN_REJECTION),
+        )
     _trainer(model, tokenizer, _config(tmp_path, loss_type="bnpo", entropy_coef=0.01))
+    # the trust region alone keeps every token: nothing to renormalise
+    _trainer(model, tokenizer, _config(tmp_path, loss_type="dapo", entropy_coef=0.01))
 
 
-def test_smoke_run_logs_finite_capo_metrics(tmp_path, capsys):
-    argv = ["--smoke", "--output_dir", str(tmp_path), "--capo_max_policy_shift", "1e-12"]
-    trainer = example.main(argv)
+def test_smoke_run_prints_the_trust_region_metrics(tmp_path, capsys):
+    """``examples/trl_capo.py --smoke``: the default configuration, the trust region, bounds both
+    steps and prints the step scale and the realised KL."""
+    trainer = example.main(["--smoke", "--output_dir", str(tmp_path)])
     assert trainer.optimizer.optimizer is trainer.capo  # accelerate wraps CAPO, which steps
-    assert trainer.capo.stats["steps"] + trainer.capo.stats["skipped_steps"] == 2
-    logged = [h for h in trainer.state.log_history if "capo/rejected_frac" in h]
+    assert trainer.capo.stats["steps"] == 2
+    bound = trainer.capo.max_policy_shift
+    assert bound == DEFAULT_MAX_POLICY_SHIFT
+    logged = [h for h in trainer.state.log_history if "capo/skipped_frac" in h]
     assert len(logged) == 2
-    names = ("rejected_frac", "objective_shift_mean", "policy_shift_mean", "skipped_frac")
     for entry in logged:
-        assert all(math.isfinite(entry[f"capo/{name}"]) for name in names)
-    realised = [
-        h["capo/policy_shift_realised"] for h in logged if "capo/policy_shift_realised" in h
-    ]
-    assert realised and all(math.isfinite(r) and r >= 0 for r in realised)
-    scales = [h["capo/step_scale"] for h in logged if "capo/step_scale" in h]
-    assert scales and all(0 < s < 1 for s in scales)  # the bound is far below any real step
-    assert "capo/rejected_frac" in capsys.readouterr().out
+        assert 0 < entry["capo/step_scale"] <= 1 and entry["capo/skipped_frac"] == 0
+        assert 0 < entry["capo/policy_shift_realised"] <= 1.1 * bound
+        assert entry["capo/step_policy_shift"] >= entry["capo/policy_shift_realised"]
+    printed = capsys.readouterr().out
+    assert re.search(r"^capo/step_scale\s+\S+$", printed, flags=re.M)
+    assert re.search(r"^capo/policy_shift_realised\s+\S+$", printed, flags=re.M)
 
 
 def test_two_processes_log_the_same_global_metrics(tmp_path):

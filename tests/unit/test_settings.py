@@ -72,14 +72,15 @@ def test_bad_options_name_the_argument(kwargs, error, name):
 
 def test_the_trl_config_derives_its_capo_fields():
     pytest.importorskip("trl")
-    from curvopt.integrations.trl import OPTIONS, CAPOConfig
+    from curvopt.integrations.trl import CONFIG_DEFAULTS, OPTIONS, CAPOConfig
 
-    declared = {f.name: f for f in fields(CAPOSettings)}
     derived = {f.name: f for f in fields(CAPOConfig) if f.name.startswith("capo_")}
     for name in OPTIONS:
         f = derived["capo_" + name]
         default = f.default_factory() if callable(f.default_factory) else f.default
-        # a sequence option is a list on the command line
-        expected = list(declared[name].default) if name == "levels" else declared[name].default
+        # TRL has the model: its defaults are the model form's (the trust region); a sequence
+        # option is a list on the command line
+        assert CONFIG_DEFAULTS[name] == MODEL_FORM.get(name, getattr(DEFAULTS, name))
+        expected = list(CONFIG_DEFAULTS[name]) if name == "levels" else CONFIG_DEFAULTS[name]
         assert default == expected
         assert f.metadata["help"]

@@ -38,8 +38,8 @@ def test_a_quadratic_kl_is_hit_with_one_extrapolation():
     measure, calls = power_law(0.37, 2.0)
     result = Search(1e-3).run(measure)
     assert len(calls) == 2
-    assert result.kl == pytest.approx(0.8e-3)
-    assert result.scale == pytest.approx(math.sqrt(0.8e-3 / 0.37))
+    assert result.kl == pytest.approx(0.75e-3)
+    assert result.scale == pytest.approx(math.sqrt(0.75e-3 / 0.37))
     assert result.unscaled_kl == pytest.approx(0.37)
 
 

@@ -20,9 +20,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import arith
 import torch
-from rollout import greedy_accuracy
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -32,7 +30,17 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-__all__ = ["WarmStart", "build_model", "default_cache_dir", "load_or_warm_start", "warm_start"]
+from . import arith
+from .rollout import greedy_accuracy
+
+__all__ = [
+    "WarmStart",
+    "build_model",
+    "default_cache_dir",
+    "load_or_warm_start",
+    "load_pretrained",
+    "warm_start",
+]
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,7 @@ def warm_start(
     tokenizer = arith.build_tokenizer()
     model = build_model(tokenizer, spec.hidden_size, spec.layers, spec.heads, max_len=64)
     model.to(device).train()
-    task = arith.Task.addition(spec.digits, spec.test_size)
+    task = arith.addition(spec.digits, spec.test_size)
     held_out = set(arith.test_set(spec.digits, spec.test_size))
     validation = task.sample(random.Random(spec.seed + 1), 256)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
@@ -135,7 +143,9 @@ def warm_start(
         opt.zero_grad()
         step += 1
         if step % 10 == 0:
-            accuracy = greedy_accuracy(model, tokenizer, validation, task.max_new_tokens)
+            accuracy = greedy_accuracy(
+                model, tokenizer, validation, task.max_new_tokens, task.check
+            )
             if accuracy >= spec.target_accuracy:
                 break
     model.eval()
@@ -166,15 +176,19 @@ def load_or_warm_start(
             if not (path / "config.json").exists():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    return (*load_pretrained(path, device), path)
+    # built with eager attention, and kept so: every method runs on it as it always has
+    return (*load_pretrained(path, device, attention="eager"), path)
 
 
 def load_pretrained(
-    path: str | Path, device: torch.device
+    path: str | Path, device: torch.device, attention: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Any local causal LM directory with its tokenizer, left-padding, with a pad token."""
+    """Any local causal LM directory with its tokenizer (left padding, a pad token), in float32
+    with ``attention`` as its attention implementation (None: transformers' choice, SDPA where
+    the model supports it)."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    kernel = {} if attention is None else {"attn_implementation": attention}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kernel)
     return model.to(device), tokenizer

@@ -1,16 +1,28 @@
-"""Sampling completions with ``model.generate``, scoring them, and greedy test accuracy."""
+"""Sampling completions with ``model.generate``, scoring them, the policy's logits on them, and
+greedy test accuracy."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import arith
 import torch
-from grpo_loss import completion_mask
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["Rollout", "greedy_accuracy", "rollout"]
+from .loss import completion_mask
+from .task import Problem
+
+__all__ = [
+    "Rollout",
+    "completion_logits",
+    "forward",
+    "greedy_accuracy",
+    "micro_batches",
+    "rollout",
+]
 
 
 @dataclass
@@ -66,15 +78,17 @@ def _decode(tokenizer: PreTrainedTokenizerBase, completions: Tensor, mask: Tenso
 def rollout(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    problems: list[arith.Problem],
+    problems: list[Problem],
     group: int,
     max_new_tokens: int,
+    check: Callable[[str, str], float],
     temperature: float = 1.0,
     top_k: int = 0,
 ) -> Rollout:
-    """``group`` sampled completions per problem (consecutive), scored by :func:`arith.check`.
+    """``group`` sampled completions per problem (consecutive), scored by ``check(text, answer)``.
 
-    ``top_k=0`` samples from the full ``softmax(logits / temperature)``.
+    Prompts are text (rendered). ``top_k=0`` samples from the full
+    ``softmax(logits / temperature)``.
     """
     repeated = [p for p in problems for _ in range(group)]
     prompt_ids, prompt_mask, completions = _generate(
@@ -94,7 +108,7 @@ def rollout(
     mask = completion_mask(completions, tokenizer.eos_token_id)
     texts = _decode(tokenizer, completions, mask)
     rewards = torch.tensor(
-        [arith.check(t, p.answer) for t, p in zip(texts, repeated)], device=completions.device
+        [check(t, p.answer) for t, p in zip(texts, repeated)], device=completions.device
     )
     attention_mask = torch.cat([prompt_mask, mask.long()], 1)
     # the positions generate used: counted over real tokens, so left padding does not shift them
@@ -116,11 +130,12 @@ def rollout(
 def greedy_accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    problems: list[arith.Problem],
+    problems: list[Problem],
     max_new_tokens: int,
+    check: Callable[[str, str], float],
     batch: int = 256,
 ) -> float:
-    """Fraction of ``problems`` whose greedy completion is correct."""
+    """Fraction of ``problems`` whose greedy completion is correct (``check(text, answer)``)."""
     was_training = model.training
     model.eval()
     correct = 0.0
@@ -131,6 +146,44 @@ def greedy_accuracy(
         )
         mask = completion_mask(completions, tokenizer.eos_token_id)
         texts = _decode(tokenizer, completions, mask)
-        correct += sum(arith.check(t, p.answer) for t, p in zip(texts, chunk))
+        correct += sum(check(t, p.answer) for t, p in zip(texts, chunk))
     model.train(was_training)
     return correct / len(problems)
+
+
+@functools.cache
+def _keeps_logits(kind: type) -> bool:
+    """Whether ``kind.forward`` takes ``logits_to_keep`` (the head on the last positions only)."""
+    return "logits_to_keep" in inspect.signature(kind.forward).parameters
+
+
+def forward(
+    model: nn.Module, batch: Rollout, rows: slice, hidden: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Head logits ``[b, T, V]`` at the positions that predict the completion tokens of
+    ``batch[rows]``, and the states entering the head ``[b, T, H]`` when ``hidden``."""
+    # position t predicts token t + 1: the last T + 1 positions but the very last
+    width = batch.completions.shape[1] + 1
+    # the head over the prompt's positions is a fifth of a small model's forward, and unused
+    keep = {"logits_to_keep": width} if _keeps_logits(type(model)) else {}
+    out = model(
+        input_ids=batch.input_ids[rows],
+        attention_mask=batch.attention_mask[rows],
+        position_ids=batch.position_ids[rows],
+        output_hidden_states=hidden,
+        **keep,
+    )
+    states = out.hidden_states[-1][:, -width:-1] if hidden else None
+    return out.logits[:, -width:-1], states
+
+
+def completion_logits(model: nn.Module, batch: Rollout, rows: slice) -> Tensor:
+    """The head logits ``[b, T, V]`` of ``batch[rows]``'s completion tokens under ``model``."""
+    return forward(model, batch, rows, hidden=False)[0]
+
+
+def micro_batches(batch: Rollout, size: int) -> list[slice]:
+    """Row ranges of ``size`` completions (one range for ``size=0``: no micro-batching)."""
+    n = batch.completions.shape[0]
+    width = size or n
+    return [slice(i, i + width) for i in range(0, n, width)]

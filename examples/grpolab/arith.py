@@ -9,8 +9,7 @@ final answer after ``#``::
 
 The checker reads only the final answer: the text after the last ``#``. A completion earns reward 1
 when that text equals the expected answer and 0 otherwise, including when it is malformed (no
-``#``, stray characters, empty). The same checker scores rows of a ``{"prompt", "answer"}`` JSONL
-file, so real checkpoints and data sets run through the same loop.
+``#``, stray characters, empty).
 
 The tokenizer is character level, built offline with the ``tokenizers`` library and wrapped in
 :class:`transformers.PreTrainedTokenizerFast`.
@@ -18,23 +17,19 @@ The tokenizer is character level, built offline with the ``tokenizers`` library 
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from .task import Problem, Task
+
 __all__ = [
     "ANSWER_MARK",
-    "Problem",
-    "Task",
+    "addition",
     "build_tokenizer",
     "check",
     "extract_answer",
-    "load_jsonl",
     "make_problem",
     "sample_train",
     "solution",
@@ -44,14 +39,6 @@ __all__ = [
 ANSWER_MARK = "#"
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 CHARS = "0123456789+=,#"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One prompt with the answer its completion must end with."""
-
-    prompt: str
-    answer: str
 
 
 def make_problem(a: int, b: int, digits: int) -> Problem:
@@ -117,56 +104,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def load_jsonl(path: str | Path) -> list[Problem]:
-    """Problems from a JSONL file with one ``{"prompt": str, "answer": str}`` object per line."""
-    problems = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if not isinstance(row.get("prompt"), str) or "answer" not in row:
-            raise ValueError(f"{path}:{i}: expected an object with 'prompt' (str) and 'answer'")
-        problems.append(Problem(row["prompt"], str(row["answer"])))
-    return problems
+def addition(digits: int, test_size: int) -> Task:
+    """``digits``-digit addition; training problems never include the test set's."""
+    test_pairs = test_set(digits, test_size)
+    held_out = set(test_pairs)
 
+    def sample(rng: random.Random, n: int) -> list[Problem]:
+        return [make_problem(a, b, digits) for a, b in sample_train(rng, digits, n, held_out)]
 
-@dataclass(frozen=True)
-class Task:
-    """Training prompts on demand, a fixed held-out test set, and a completion length budget."""
-
-    sample: Callable[[random.Random, int], list[Problem]]
-    test: list[Problem]
-    max_new_tokens: int
-
-    @classmethod
-    def addition(cls, digits: int, test_size: int) -> Task:
-        """``digits``-digit addition; training problems never include the test set's."""
-        test_pairs = test_set(digits, test_size)
-        held_out = set(test_pairs)
-
-        def sample(rng: random.Random, n: int) -> list[Problem]:
-            return [make_problem(a, b, digits) for a, b in sample_train(rng, digits, n, held_out)]
-
-        # the longest solution (column sums, an answer with a final carry) plus EOS and slack
-        return cls(sample, [make_problem(a, b, digits) for a, b in test_pairs], 4 * digits + 4)
-
-    @classmethod
-    def from_jsonl(
-        cls, path: str | Path, test_size: int, max_new_tokens: int, seed: int = 1234
-    ) -> Task:
-        """Rows of ``path``, ``test_size`` of them (chosen with ``seed``) held out for testing."""
-        rows = load_jsonl(path)
-        if not 0 < test_size < len(rows):
-            raise ValueError(
-                f"test_size: expected between 1 and {len(rows) - 1} for {len(rows)} rows, "
-                f"got {test_size}"
-            )
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
-        test = [rows[i] for i in order[:test_size]]
-        train = [rows[i] for i in order[test_size:]]
-
-        def sample(rng: random.Random, n: int) -> list[Problem]:
-            return [rng.choice(train) for _ in range(n)]
-
-        return cls(sample, test, max_new_tokens)
+    # the longest solution (column sums, an answer with a final carry) plus EOS and slack
+    test = [make_problem(a, b, digits) for a, b in test_pairs]
+    return Task(sample, test, 4 * digits + 4, check)
