@@ -22,7 +22,7 @@ from .settings import DEFAULTS, MODEL_FORM, CAPOSettings, Direction, Rule, Shift
 from .tracker import CurvatureTracker
 from .trust_region import TrustRegion
 from .trust_region.predicted import PredictedBound
-from .validation import check_measured, check_positive
+from .validation import check_finite_logits, check_measured, check_positive
 from .window import Window
 
 __all__ = ["CAPO", "LIFETIME_STATS", "STEP_STATS"]
@@ -89,9 +89,11 @@ class CAPO(torch.optim.Optimizer):
 
     Args:
         optimizer: the optimizer to wrap: any ``torch.optim.Optimizer`` for the measured trust
-            region; ``torch.optim.SGD/Adam/AdamW`` for the head's models with directions
-            ``"exact"``/``"frozen"`` (any optimizer with ``"shadow"``). An optimizer wrapped by
-            accelerate is stepped through its wrapper and read through its ``.optimizer``.
+            region; for the head's models, one whose update curvopt reads
+            (:mod:`curvopt.optimizers.support`: SGD, Adam, AdamW in closed form, the other
+            elementwise torch optimizers by stepping a copy, subclasses not overriding ``step``;
+            ``"shadow"``: Adam-like others). An optimizer wrapped by accelerate is stepped
+            through its wrapper and read through its ``.optimizer``.
         head: the output layer (``model.lm_head``). Needed by token rejection (``levels``), the
             ``"jvp"`` estimate over the head and ``track_realised``; optional otherwise (then, if
             needed, ``model.get_output_embeddings()``).
@@ -349,7 +351,10 @@ class CAPO(torch.optim.Optimizer):
         """
         inputs = Inputs(hidden, actions, advantages, mask, logits, forward)
         if self.tracker is not None:
-            selection = self.rejector.apply(self.tracker, self.tracker.prepare_inputs(inputs))
+            batch = self.tracker.prepare_inputs(inputs)
+            if not self.rejector.levels:  # no model reads the logits: check them here
+                check_finite_logits(logits, mask.bool())
+            selection = self.rejector.apply(self.tracker, batch)
         else:
             device = next(self.model.parameters()).device
             selection = Selection(check_measured(inputs, device, self.head).clone())

@@ -210,9 +210,15 @@ def check_measured(inputs: Inputs, device: torch.device, head: nn.Module | None)
         raise ValueError(
             f"actions: masked-in token id {bad} is outside the vocabulary [0, {vocab})"
         )
+    check_finite_logits(logits, mask)
+    return mask
+
+
+def check_finite_logits(logits: Tensor | None, mask: Tensor) -> None:
+    """``logits [B, T, V]`` (when given) are finite at the masked-in positions (``mask [B, T]``
+    bool): one float64 reduction per token instead of an elementwise test."""
     if logits is not None and not torch.isfinite(logits.sum(-1, dtype=torch.float64)[mask]).all():
         raise ValueError("logits: contains non-finite values at masked-in positions")
-    return mask
 
 
 def check_model_advantages(advantages: Tensor) -> None:

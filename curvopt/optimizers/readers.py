@@ -125,8 +125,10 @@ def read_rules(
     known = recognised(optimizer)
     assert known is not None
     out: list[UpdateRule] = []
+    groups = {id(q): g for g in optimizer.param_groups for q in g["params"]}
     for p in params:
-        group, state = group_of(optimizer, p), optimizer.state.get(p, {})
+        group = groups.get(id(p)) or group_of(optimizer, p)  # group_of raises the clear error
+        state = optimizer.state.get(p, {})
         if known in READERS:
             out.append(READERS[known](p, group, state, dtype, frozen))
         else:

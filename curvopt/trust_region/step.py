@@ -126,17 +126,24 @@ class PlannedStep(Transaction):
         super().__init__(optimizer)
         self.optimizer = unwrap_optimizer(optimizer)
         self.take_step = take_step
+        self._planned: list[tuple[Tensor, Tensor, Tensor]] | None = None
 
     def _deltas(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        for p, start in zip(self.params, self._start):
-            if p.grad is None:  # torch optimizers leave a parameter without gradient alone
-                continue
-            dtype = _compute_dtype(p)
-            # the step model reads the parameter (weight decay): put θ0 back before forming Δθ
-            p.detach().copy_(start)
-            steps = read_rules(self.optimizer, [p], frozen=False, dtype=dtype)
-            (delta,) = planned_update(steps, [p], self.optimizer)
-            yield p.detach(), start, delta
+        if self._planned is None:
+            # formed once, at θ0 (the rules read the parameters: weight decay), by the update rule
+            # of each parameter in its compute dtype; every trial then is θ0 + s·Δθ
+            self._restore_params()
+            start = {id(p): s for p, s in zip(self.params, self._start)}
+            by_dtype: dict[torch.dtype, list[Tensor]] = {}
+            for p in self.params:
+                if p.grad is not None:  # torch optimizers leave a parameter without gradient alone
+                    by_dtype.setdefault(_compute_dtype(p), []).append(p)
+            self._planned = []
+            for dtype, ps in by_dtype.items():
+                steps = read_rules(self.optimizer, ps, frozen=False, dtype=dtype)
+                for p, delta in zip(ps, planned_update(steps, ps, self.optimizer)):
+                    self._planned.append((p.detach(), start[id(p)], delta))
+        yield from self._planned
 
     def commit(self, scale: float) -> None:
         self._restore_params()
