@@ -4,7 +4,8 @@ A Qwen2.5-0.5B-shaped transformers model (V = 151,936, H = 896, ``layers`` layer
 attention, untied head), N completion tokens (``T = 64`` per completion after 8 prompt tokens).
 One GRPO step is forward (completion logits, ``logits_to_keep``), loss, backward, AdamW step. It
 is timed bare and with ``CAPO(opt, model=model, max_policy_shift=b)`` for a bound that is never
-reached (*inactive*: one trial forward) and one that always is (*active*: two or more), against
+reached (*inactive*: one trial forward) and one a quarter of the unscaled step's KL (*active*:
+two or more, as where the bound binds in training), against
 the model's no-grad forward of the batch; all interleaved, medians of ``repeats``. The extra time
 of a trust-region step is ``(step with it − bare step) / forward``.
 
@@ -29,7 +30,10 @@ import torch
 import curvopt
 
 V, H, T, PROMPT, SEED = 151_936, 896, 64, 8, 0
-BOUNDS = {"inactive": 1e9, "active": 1e-12}
+BOUNDS = {"inactive": 1e9, "active": 1e9}
+#: the active bound, as a share of the unscaled step's KL (set after the warm-up): the search then
+#: needs a scale of about ½, as a step does where the bound binds in training
+ACTIVE_SHARE = 0.25
 
 
 def qwen(layers: int, device: torch.device) -> torch.nn.Module:
@@ -100,6 +104,13 @@ def make_steps(model: torch.nn.Module, b: dict, device: torch.device) -> dict[st
     for name, opt in regions.items():
         runs[f"step_{name}"] = lambda opt=opt: step(opt)
     runs["_trials"] = lambda: {n: o.stats.get("trust_region_trials") for n, o in regions.items()}
+
+    def calibrate() -> None:  # after a step of each: the active bound a share of the step's KL
+        regions["active"].max_policy_shift = ACTIVE_SHARE * regions["inactive"].stats[
+            "step_policy_shift"
+        ]
+
+    runs["_calibrate"] = calibrate
     return runs
 
 
@@ -107,17 +118,21 @@ def times(layers: int, n_tokens: int, device: torch.device, repeats: int) -> dic
     """Median seconds of each configuration, interleaved; trials of each trust-region step."""
     model = qwen(layers, device)
     runs = make_steps(model, batch(n_tokens, device), device)
-    trials = runs.pop("_trials")
+    trials, calibrate = runs.pop("_trials"), runs.pop("_calibrate")
     for fn in runs.values():
         fn()  # warm-up, and the optimizer's state
+    calibrate()
     out: dict[str, list[float]] = {k: [] for k in runs}
+    counts: dict[str, list[float]] = {name: [] for name in BOUNDS}
     for _ in range(repeats):
         for key, fn in runs.items():
             start = time.perf_counter()
             fn()
             out[key].append(time.perf_counter() - start)
+        for name, n in trials().items():
+            counts[name].append(n)
     medians = {k: statistics.median(v) for k, v in out.items()}
-    return {"time_s": medians, "trials": trials()}
+    return {"time_s": medians, "trials": {k: statistics.median(v) for k, v in counts.items()}}
 
 
 def _vm(field: str) -> int:
@@ -133,8 +148,10 @@ def peak(layers: int, n_tokens: int, device: torch.device) -> dict[str, int]:
     model = qwen(layers, device)
     runs = make_steps(model, batch(n_tokens, device), device)
     runs.pop("_trials")
+    calibrate = runs.pop("_calibrate")
     for fn in runs.values():
         fn()  # state allocated, compiled kernels warm
+    calibrate()
     out = {}
     for key in ("step", "step_inactive", "step_active"):
         gc.collect()

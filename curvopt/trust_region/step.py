@@ -101,8 +101,11 @@ class Transaction(ABC):
     def move(self, scale: float) -> None:
         """Write ``θ0 + scale·Δθ`` into the parameters (summed in Δθ's dtype, then rounded)."""
         for local, start, delta in self._deltas():
-            local.copy_(start)
-            local.add_(delta, alpha=scale)
+            if local.dtype == delta.dtype:
+                torch.add(start, delta, alpha=scale, out=local)  # one pass
+            else:  # e.g. bf16 parameters: θ0 + s·Δθ summed in float32, then rounded
+                local.copy_(start)
+                local.add_(delta, alpha=scale)
         self.scale = scale
 
     @abstractmethod
