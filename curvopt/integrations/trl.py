@@ -60,6 +60,7 @@ from trl import GRPOConfig, GRPOTrainer
 from ..capo import CAPO, STEP_STATS
 from ..settings import MODEL_FORM, CAPOSettings, help_text, option_types
 from ..trust_region import HeadInput
+from .transformers_config import logit_transform
 
 __all__ = ["CAPOConfig", "CAPOGRPOTrainer"]
 
@@ -584,23 +585,3 @@ class CAPOGRPOTrainer(GRPOTrainer):
                 metrics[f"capo/{name}"].append(stats[name])
         # averaged at log time: the fraction of steps not taken
         metrics["capo/skipped_frac"].append(float(stats["skipped_steps"] > self._capo_skipped))
-
-
-def logit_transform(model: PreTrainedModel) -> tuple[float, float | None]:
-    """``(logit_scale, softcap)`` that TRL's fused LM head applies to ``model``'s head outputs.
-
-    The configuration attributes trl 1.16's ``add_fused_lm_head`` reads: the soft-cap
-    ``final_logit_softcapping``; the multiplier ``logit_scale``, ``output_multiplier`` or
-    ``lm_head_multiplier``, else ``1 / logits_scaling`` (``logits_scaling`` itself for HyperCLOVA
-    X), else 1.
-    """
-    config = model.config.get_text_config()
-    softcap = getattr(config, "final_logit_softcapping", None)
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        scale = getattr(config, name, None)
-        if scale is not None:
-            return float(scale), softcap
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is not None:
-        return (float(scaling) if config.model_type == "hyperclovax" else 1.0 / scaling), softcap
-    return 1.0, softcap
