@@ -392,11 +392,11 @@ def main() -> None:
         for layers in args.trust_region:
             rows[layers] = trust_region_cost.measure(layers, n_first, device, args.repeats or 3)
             print(trust_region_cost.report(rows, n_first), flush=True)
-        if args.json:
-            record = {"machine": machine(device), "N": n_first, "by_layers": rows}
-            record["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
-            with open(args.json, "w") as f:
-                json.dump(record, f, indent=2)
+            if args.json:  # after each row, so that a run stopped later keeps what it measured
+                record = {"machine": machine(device), "N": n_first, "by_layers": rows}
+                record["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
+                with open(args.json, "w") as f:
+                    json.dump(record, f, indent=2)
         return
     if args.profile:
         print(profile((args.tokens or [1024])[0], device))
