@@ -50,7 +50,7 @@ Check = Callable[[str, Any], Any]
 
 #: The bound on the policy's mean per-token KL per step that ``CAPO(optimizer, model=model)``
 #: applies when none is given (docs/results.md says where it comes from).
-DEFAULT_MAX_POLICY_SHIFT = 1e-3
+DEFAULT_MAX_POLICY_SHIFT = 3e-4
 
 
 def _meta(check: Check, help: str) -> dict[str, Any]:

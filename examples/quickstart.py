@@ -36,7 +36,7 @@ def main(steps: int = 8, prompts: int = 4, group: int = 8, new_tokens: int = 6) 
         eos_token_id=2,
     )
     model = Qwen2ForCausalLM(config).eval()  # no dropout: the sampling policy is the trained one
-    # an aggressive learning rate: the trust region keeps each step within 1e-3 nats per token
+    # an aggressive learning rate: the trust region keeps each step within 3e-4 nats per token
     opt = curvopt.CAPO(torch.optim.AdamW(model.parameters(), lr=3e-2), model=model)
     for step in range(steps):
         prompt = torch.randint(3, 32, (prompts, 4)).repeat_interleave(group, 0)

@@ -5,7 +5,7 @@ The task, tokenizer and policy are those of ``examples/grpo.py`` (``grpolab/arit
 prompts such as ``23+58=``, worked completions ending ``#81``, reward 1 for the right final answer;
 the policy is the warm-started 2-layer Qwen2, trained once (about 30 s) and cached. By default
 every optimizer step is bounded by the measured whole-policy trust region (mean per-token KL of
-the policy per step at most ``capo_max_policy_shift``, 1e-3). Every ``CAPOConfig`` option parses
+the policy per step at most ``capo_max_policy_shift``, 3e-4). Every ``CAPOConfig`` option parses
 from the command line::
 
     python examples/trl_capo.py --smoke                # 2 steps on CPU, prints the metrics

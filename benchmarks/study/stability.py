@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--sweep-variants",
         nargs="*",
-        default=["capo_step-all", "trust_region-1e-3"],
+        default=["capo_step-all", "trust_region-3e-4"],
         choices=[v.name for v in VARIANTS if v.family == "capo"],
         help="the CAPO variants swept against GRPO",
     )

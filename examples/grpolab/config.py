@@ -178,7 +178,7 @@ class Config:
         default=None,
         metadata={
             "help": "the bound on each step's KL: trust_region, the whole policy's measured KL "
-            "(default 1e-3); capo_step, the predicted KL of the parameters CAPO models (default "
+            "(default 3e-4); capo_step, the predicted KL of the parameters CAPO models (default "
             "1e-7, the head's share with --capo-params head)"
         },
     )

@@ -9,7 +9,7 @@ decides the optimizer and the tokens the loss sees.
   the tokens ``opt.select`` keeps; full steps.
 - ``trust_region``: **the measured whole-policy trust region**: no token rejected; every step is
   scaled so the policy's KL per token of the step actually taken is at most ``max_policy_shift``
-  (default 1e-3), measured with forwards of the step's batch.
+  (default 3e-4), measured with forwards of the step's batch.
 - ``capo_step``: CAPO's curvature-aware step on a *predicted* KL: no rejection; each step scaled so
   the quadratic model of its KL over the parameters CAPO models (``--capo-params``; the head by
   default, bound 1e-7) stays within the bound (``shift_estimate="jvp"``).
@@ -155,7 +155,7 @@ METHODS: dict[str, Method] = {
             "trust_region",
             "Trust region (policy KL ≤ bound)",
             _trust_region,
-            default_bound=1e-3,
+            default_bound=3e-4,
         ),
         Method(
             "capo_step",

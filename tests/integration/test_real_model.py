@@ -106,7 +106,7 @@ def test_report_writes_every_field(tmp_path):
     assert info["collapsed"] == 0 and info["realised_over_bound_median"] == pytest.approx(0.91)
     assert info["head_kl_share_median"] == pytest.approx(2e-3)
     assert info["final"][0] == pytest.approx(0.7)
-    assert "| Trust region (policy KL ≤ 1e-3), aggressive | 0 of 3 |" in real_model.table(result)
+    assert "| Trust region (policy KL ≤ 3e-4), aggressive | 0 of 3 |" in real_model.table(result)
     assert "| CAPO token rejection (paper), aggressive | 3 of 3 |" in real_model.table(result)
     assert figure.stat().st_size > 10_000
 
