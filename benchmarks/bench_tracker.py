@@ -388,13 +388,18 @@ def main() -> None:
         print(json.dumps(trust_region_cost.peak(args._trust_region_memory, n_first, device)))
         return
     if args.trust_region:
-        rows = {}
+        rows: dict = {}
+        if args.json and os.path.exists(args.json):  # rows of other layer counts are kept
+            with open(args.json) as f:
+                previous = json.load(f)
+            if previous.get("N") == n_first:
+                rows = {int(k): v for k, v in previous.get("by_layers", {}).items()}
         for layers in args.trust_region:
             rows[layers] = trust_region_cost.measure(layers, n_first, device, args.repeats or 3)
             print(trust_region_cost.report(rows, n_first), flush=True)
             if args.json:  # after each row, so that a run stopped later keeps what it measured
+                rows[layers]["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
                 record = {"machine": machine(device), "N": n_first, "by_layers": rows}
-                record["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
                 with open(args.json, "w") as f:
                     json.dump(record, f, indent=2)
         return

@@ -189,7 +189,11 @@ def measure(layers: int, n_tokens: int, device: torch.device, repeats: int) -> d
     row["extra_forwards"] = {
         name: (t[f"step_{name}"] - t["step"]) / t["forward"] for name in BOUNDS
     }
-    row["peak_extra_bytes"] = peak_in_subprocess(layers, n_tokens, device)
+    try:
+        row["peak_extra_bytes"] = peak_in_subprocess(layers, n_tokens, device)
+    except subprocess.CalledProcessError as error:  # e.g. killed for memory: keep the times
+        row["peak_extra_bytes"] = None
+        row["peak_error"] = f"the memory process failed ({error.returncode})"
     row["logits_bytes"] = n_tokens * V * 4
     return row
 
@@ -202,7 +206,8 @@ def report(rows: dict[int, dict], n_tokens: int) -> str:
     ]
     for layers, row in rows.items():
         t, m, x = row["time_s"], row["peak_extra_bytes"], row["extra_forwards"]
-        mem = " / ".join(f"{m[k] / 2**20:.0f}" for k in ("step", "step_inactive", "step_active"))
+        keys = ("step", "step_inactive", "step_active")
+        mem = "–" if m is None else " / ".join(f"{m[k] / 2**20:.0f}" for k in keys)
         lines.append(
             f"{layers:>6} {t['forward']:>10.2f} {t['step']:>8.2f} {x['inactive']:>9.2f} "
             f"{x['active']:>7.2f} {row['trials']['active']!s:>7} {mem:>42}"
