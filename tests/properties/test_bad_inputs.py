@@ -253,8 +253,8 @@ def restricted(args: dict, rows: slice, cols: slice) -> dict:
 
 @pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-# a tenth of the profile's examples for each of the forms × corruptions (4 in CI, 100 thorough)
-@settings(max_examples=max(2, settings.default.max_examples // 10))
+# a twentieth of the profile's examples for each of the forms × corruptions (2 in CI, 50 thorough)
+@settings(max_examples=max(2, settings.default.max_examples // 20))
 @given(data=st.data())
 def test_a_bad_input_gets_a_clear_error_or_the_right_answer(form, corruption, data):
     case = data.draw(cases(form))
