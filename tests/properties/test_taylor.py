@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -103,6 +104,9 @@ def third_derivative_bound(fn, eta: float, points: int = 33) -> float:
     return 1.1 * max(values)
 
 
+# slow: the halving test below and the MDP version in test_theorem.py check the same order in the
+# default run
+@pytest.mark.slow
 @given(
     seed=st.integers(0, 2**16),
     kind=st.sampled_from(["sgd", "sgd-momentum", "adam", "adamw"]),
