@@ -25,13 +25,16 @@ import torch
 from torch import Tensor, nn
 
 import curvopt
+from curvopt.capo import STEP_STATS
 
 if TYPE_CHECKING:
     from .config import Config
 
 __all__ = ["METHODS", "STATS", "Method", "candidate_memory"]
 
-#: what the per-step metrics keep of ``CAPO.stats`` (those present: some need options)
+#: what the per-step metrics keep of ``CAPO.stats`` (those present: some need options): CAPO's
+#: step statistics, with the window's token counts after the rejected fraction
+STATS = (*STEP_STATS[:1], "tokens", "kept_tokens", *STEP_STATS[1:])
 STATS = (
     "rejected_frac",
     "tokens",

@@ -39,6 +39,7 @@ __all__ = [
     "default_cache_dir",
     "load_or_warm_start",
     "load_pretrained",
+    "publish",
     "warm_start",
 ]
 
@@ -65,6 +66,18 @@ class WarmStart:
             f"arith{self.digits}-h{self.hidden_size}-l{self.layers}-"
             + hashlib.sha1(blob).hexdigest()[:10]
         )
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Move a finished cache directory ``tmp`` to ``path``, last, so an interrupted save never
+    looks cached; when another process (a DDP rank, a parallel study run) got there first, keep
+    its copy and drop ``tmp``."""
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not (path / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_cache_dir() -> Path:
@@ -168,14 +181,7 @@ def load_or_warm_start(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "warm_start.json").write_text(json.dumps(asdict(spec) | result, indent=2))
-        # rename last, so an interrupted save never looks like a cached model; when another
-        # process (a DDP rank) got there first, keep its copy
-        try:
-            tmp.rename(path)
-        except OSError:
-            if not (path / "config.json").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish(tmp, path)
     # built with eager attention, and kept so: every method runs on it as it always has
     return (*load_pretrained(path, device, attention="eager"), path)
 

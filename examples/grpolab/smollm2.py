@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .policy import publish
 
 __all__ = ["INSTALL", "NAME", "checkpoint", "gguf_file"]
 
@@ -85,12 +86,5 @@ def checkpoint(cache_dir: Path) -> Path:
     print(f"{NAME}: converting {gguf} once to float32 (cached in {path})")
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     _convert(gguf, tmp)
-    # rename last, so an interrupted conversion never looks cached; another process (a parallel
-    # study run) may have finished first: keep its copy
-    try:
-        tmp.rename(path)
-    except OSError:
-        if not (path / "config.json").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish(tmp, path)
     return path
