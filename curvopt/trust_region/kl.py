@@ -58,11 +58,24 @@ def _dtype(*outs: PolicyOutput) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+#: tokens ``b, t0 … t1−1`` of one sequence: their logits are a view, not a gathered copy
+Span = tuple[int, int, int]
+
+
 def _block(
-    out: PolicyOutput, rows: tuple[Tensor, Tensor], c0: int, c1: int, dtype: torch.dtype
+    out: PolicyOutput,
+    rows: tuple[Tensor, Tensor],
+    c0: int,
+    c1: int,
+    dtype: torch.dtype,
+    span: Span | None = None,
 ) -> Tensor:
-    """Raw logits ``[n, c1 − c0]`` of tokens ``rows`` (batch and time indices) in columns c0:c1."""
+    """Raw logits ``[n, c1 − c0]`` of tokens ``rows`` (batch and time indices) in columns c0:c1
+    (``span``: the same tokens as one run of a sequence)."""
     if isinstance(out, Tensor):
+        if span is not None:
+            b, t0, t1 = span
+            return out[b, t0:t1, c0:c1].to(dtype)
         return out[rows[0], rows[1], c0:c1].to(dtype)
     z = out.hidden[rows].to(dtype) @ out.weight[c0:c1].to(dtype).T
     return z if out.bias is None else z + out.bias[c0:c1].to(dtype)
@@ -156,12 +169,14 @@ def _moments(
     transform: LogitTransform,
     width: int,
     dtype: torch.dtype,
+    span: Span | None = None,
 ) -> _Moments:
     """One pass over the vocabulary for tokens ``at`` with reference changes ``ref [n]``."""
     moments = _Moments(ref.numel(), ref.device)
     for c0 in range(0, vocab_size(before), width):
         c1 = min(c0 + width, vocab_size(before))
-        z0, z1 = _block(before, at, c0, c1, dtype), _block(after, at, c0, c1, dtype)
+        z0 = _block(before, at, c0, c1, dtype, span)
+        z1 = _block(after, at, c0, c1, dtype, span)
         moments.add(z0, z1, ref, transform)
     return moments
 
@@ -196,13 +211,12 @@ def policy_kl(
     else:  # the logits exist already: whole rows
         width = vocab
     per_chunk = max(1, block_elements // width)
-    for t0 in range(0, n, per_chunk):
-        sl = slice(t0, min(t0 + per_chunk, n))
+    for sl, span in _chunks((rows[0], rows[1]), per_chunk, views=width == vocab):
         at = (rows[0][sl], rows[1][sl])
         acts = actions[at].long()
         z0a, z1a = _at(before, at, acts, dtype), _at(after, at, acts, dtype)
         ref = transform.difference(z0a, z1a - z0a).to(torch.float64)
-        moments = _moments(before, after, at, ref, transform, width, dtype)
+        moments = _moments(before, after, at, ref, transform, width, dtype, span)
         kl = moments.kl()
         far = (moments.mean.abs() > RECENTRE).nonzero().squeeze(1)
         if far.numel():
@@ -217,6 +231,25 @@ def policy_kl(
                 before, after, (at[0][wild], at[1][wild]), transform, width, torch.float64
             )
         out[sl] = kl
+    return out
+
+
+def _chunks(
+    rows: tuple[Tensor, Tensor], per_chunk: int, *, views: bool
+) -> list[tuple[slice, Span | None]]:
+    """Consecutive pieces of at most ``per_chunk`` of the tokens ``rows``; with ``views``, each
+    within one run of consecutive positions of a sequence, with that run's span (its logits are
+    then a view: no copy of ``[n, V]``)."""
+    n = rows[0].numel()
+    if not views or n == 0:
+        return [(slice(i, min(i + per_chunk, n)), None) for i in range(0, n, per_chunk)]
+    b, t = rows[0].tolist(), rows[1].tolist()
+    out: list[tuple[slice, Span | None]] = []
+    start = 0
+    for i in range(1, n + 1):
+        if i == n or b[i] != b[start] or t[i] != t[start] + (i - start) or i - start == per_chunk:
+            out.append((slice(start, i), (b[start], t[start], t[start] + i - start)))
+            start = i
     return out
 
 

@@ -219,7 +219,9 @@ class TrustRegion:
                     g = p.grad.detach()
                     g = g.to_local() if callable(getattr(g, "to_local", None)) else g
                     device = g.device
-                    bad = bad.to(device) + (~torch.isfinite(g.sum(dtype=torch.float64))).double()
+                    if g.numel():  # both finite unless an entry is ±inf or NaN (one pass)
+                        ends = torch.stack(torch.aminmax(g))
+                        bad = bad.to(device) + (~torch.isfinite(ends)).any().double()
         if device is None:
             device = next(self.model.parameters()).device
         bad = distributed.all_reduce_sum(bad.to(device), self.process_group)

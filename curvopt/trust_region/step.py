@@ -4,11 +4,13 @@ The trust region evaluates the policy at ``θ0 + s·Δθ`` for a few scales ``s`
 step at one of them or abandons it. Two ways to get there:
 
 - :class:`PlannedStep`, for optimizers whose update curvopt computes exactly from their state and
-  the gradients (``torch.optim.SGD``, ``Adam``, ``AdamW``): ``Δθ`` is formed without stepping, the
-  trial points are written into the parameters, and :meth:`~Transaction.commit` puts ``θ0`` back
-  and lets the optimizer step with every learning rate × ``s`` — bit for bit the bare optimizer's
-  step at that learning rate. Nothing is stepped until then, so abandoning costs nothing. Memory:
-  a copy of the parameters.
+  the gradients (``torch.optim.SGD``, ``Adam``, ``AdamW``): ``Δθ`` is formed without stepping,
+  into a buffer per parameter that then holds the trial point; the parameters are pointed at the
+  buffers (``.data``, no copy) and back, so ``θ0`` is never written or copied. :meth:`commit`
+  lets the optimizer step from ``θ0`` with every learning rate × ``s`` — bit for bit the bare
+  optimizer's step at that learning rate. Nothing is stepped until then, so abandoning costs
+  nothing. Memory: one buffer per parameter (for a float32 parameter, its size; for a
+  lower-precision one, ``Δθ`` in float32 beside the trial point).
 - :class:`TakenStep`, for any other optimizer: it steps first, at full learning rate, with a copy
   of the parameters and of the optimizer's state kept aside; ``Δθ = θ1 − θ0`` and the step at
   scale ``s`` is ``θ0 + s·Δθ`` with the optimizer's state of the full step. For optimizers whose
@@ -48,6 +50,15 @@ def _local(t: Tensor) -> Tensor:
 
 def _sharded(t: Tensor) -> bool:
     return callable(getattr(t, "to_local", None))
+
+
+def _shares_memory(t: Tensor, p: Tensor) -> bool:
+    """Whether ``t`` lies in the storage of parameter ``p`` or of its gradient."""
+    at = t.untyped_storage().data_ptr()
+    grad = p.grad
+    return at == p.untyped_storage().data_ptr() or (
+        grad is not None and at == grad.untyped_storage().data_ptr()
+    )
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -123,30 +134,70 @@ class Transaction(ABC):
 
 
 class PlannedStep(Transaction):
-    """The update formed from the optimizer's state without stepping it (see the module)."""
+    """The update formed from the optimizer's state without stepping it (see the module).
+
+    A trial point is written into a buffer and the parameter pointed at it; ``θ0`` stays where it
+    was. Where the parameter's dtype is its compute dtype (float32, float64), the buffer is the
+    only copy: the next trial point is ``θ0 + (s'/s)·(θ_s − θ0)`` from the current one (the
+    trial points are measurements, within a rounding of ``θ0 + s'Δθ``; the step taken is the
+    optimizer's own). Otherwise (bf16, fp16) ``Δθ`` is kept in float32 and each trial point is
+    ``θ0 + s'Δθ`` summed in float32, then rounded.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, take_step: TakeStep) -> None:
-        super().__init__(optimizer)
         self.optimizer = unwrap_optimizer(optimizer)
+        self.params = optimizer_params(self.optimizer)
+        # θ0: aliases of the parameters' own tensors (no copy), which nothing here writes
+        self._start = [p.detach() for p in self.params]
+        self._index = {id(p): i for i, p in enumerate(self.params)}
         self.take_step = take_step
-        self._planned: list[tuple[Tensor, Tensor, Tensor]] | None = None
+        self.scale = 0.0
+        self._held = 0.0
+        # per parameter with a gradient: (parameter, θ0, trial buffer, Δθ or None)
+        self._trials: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = None
 
     def _deltas(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        if self._planned is None:
-            # formed once, at θ0 (the rules read the parameters: weight decay), by the update rule
-            # of each parameter in its compute dtype; every trial then is θ0 + s·Δθ
-            self._restore_params()
-            start = {id(p): s for p, s in zip(self.params, self._start)}
-            by_dtype: dict[torch.dtype, list[Tensor]] = {}
-            for p in self.params:
-                if p.grad is not None:  # torch optimizers leave a parameter without gradient alone
-                    by_dtype.setdefault(_compute_dtype(p), []).append(p)
-            self._planned = []
-            for dtype, ps in by_dtype.items():
-                steps = read_rules(self.optimizer, ps, frozen=False, dtype=dtype)
-                for p, delta in zip(ps, planned_update(steps, ps, self.optimizer)):
-                    self._planned.append((p.detach(), start[id(p)], delta))
-        yield from self._planned
+        start = {id(p): s for p, s in zip(self.params, self._start)}
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p in self.params:
+            if p.grad is not None:  # torch optimizers leave a parameter without gradient alone
+                by_dtype.setdefault(_compute_dtype(p), []).append(p)
+        for dtype, ps in by_dtype.items():
+            # formed at θ0 (the rules read the parameters: weight decay), by the update rule of
+            # each parameter in its compute dtype
+            steps = read_rules(self.optimizer, ps, frozen=False, dtype=dtype)
+            for p, delta in zip(ps, planned_update(steps, ps, self.optimizer)):
+                yield p, start[id(p)], delta
+
+    @torch.no_grad()
+    def move(self, scale: float) -> None:
+        """Point the parameters at ``θ0 + scale·Δθ`` (at ``θ0`` itself for scale 0)."""
+        if self._trials is None:
+            self._trials = []
+            self._held = scale or 1.0  # the scale the buffers hold
+            for p, start, delta in self._deltas():
+                if delta.dtype == p.dtype:  # Δθ's buffer becomes the trial point's
+                    if _shares_memory(delta, p):
+                        delta = delta.clone()
+                    trial = torch.add(start, delta, alpha=self._held, out=delta)
+                    self._trials.append((p, start, trial, None))
+                else:
+                    trial = torch.empty_like(start)
+                    self._trials.append((p, start, trial, delta))
+                    trial.copy_(start)
+                    trial.add_(delta, alpha=self._held)
+        elif scale and scale != self._held:
+            ratio = scale / self._held
+            for _, start, trial, kept in self._trials:
+                if kept is None:
+                    torch.lerp(start, trial, ratio, out=trial)
+                else:
+                    trial.copy_(start)
+                    trial.add_(kept, alpha=scale)
+            self._held = scale
+        for p, start, trial, _ in self._trials:
+            p.data = trial if scale else start
+        self.scale = scale
 
     def commit(self, scale: float) -> None:
         self._restore_params()
@@ -154,6 +205,13 @@ class PlannedStep(Transaction):
 
     def abort(self) -> None:
         self._restore_params()
+
+    @torch.no_grad()
+    def _restore_params(self) -> None:
+        for p, start, _, _ in self._trials or ():
+            p.data = start
+        self._trials = None  # the buffers are freed before the optimizer steps
+        self.scale = 0.0
 
 
 class TakenStep(Transaction):

@@ -44,6 +44,23 @@ def test_logits_kl_is_the_literal_kl_in_float64(transform, seed, size):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-13)
 
 
+@given(seed=st.integers(0, 10_000), per_chunk=st.integers(1, 7))
+def test_logits_kl_over_views_of_sliced_logits_with_gaps_is_the_literal_kl(seed, per_chunk):
+    # completion logits sliced out of a longer sequence (not contiguous), a mask with gaps, and
+    # chunks shorter than the runs of kept tokens: every token measured once, from views
+    g = torch.Generator().manual_seed(seed)
+    z0, z1, mask, actions = logits_pair(seed, B=4, T=9, V=13)
+    long0 = torch.randn(4, 10, 13, generator=g, dtype=F64)
+    long1 = long0.clone()
+    long0[:, :-1], long1[:, :-1] = z0, z1
+    mask[0] = True  # one whole row: a run longer than a chunk
+    transform = LogitTransform(temperature=0.9)
+    got = policy_kl(
+        long0[:, :-1], long1[:, :-1], mask, actions, transform, block_elements=13 * per_chunk
+    )
+    torch.testing.assert_close(got, literal_kl(z0, z1, mask, transform), rtol=1e-9, atol=1e-13)
+
+
 @pytest.mark.parametrize("transform", TRANSFORMS, ids=["identity", "temperature", "softcap"])
 def test_tiny_shifts_match_half_the_fisher_quadratic(transform):
     """For a shift of size ε, KL = ½ Var_π0(Δy) + O(ε³): the second-order model to relative ε."""

@@ -208,3 +208,72 @@ def test_bf16_parameters_move_in_float32():
     torch.testing.assert_close(model.weight.float(), expected.bfloat16().float(), atol=2e-2, rtol=0)
     txn.commit(1.0)
     assert torch.equal(model.weight, want.weight)
+
+
+@given(
+    config=optimizer_configs(),
+    seed=st.integers(0, 1000),
+    scales=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=5),
+)
+def test_planned_trial_points_in_any_order_are_theta0_plus_s_delta(config, seed, scales):
+    # each trial point is formed from the last one (one buffer per parameter): within a few
+    # roundings of θ0 + sΔθ whatever the order of the scales, and θ0 itself untouched
+    kind, opts, warm = config
+    model, opt = model_and_grads(seed, lambda ps: make_optimizer(kind, ps, opts), warm)
+    before = params_of(model)
+    full, _ = reference(model, opt, 1.0)
+    txn = PlannedStep(opt, scaled_step(opt, 1.0))
+    for s in [1.0, *scales]:
+        txn.move(s)
+        for p, p0, p1 in zip(model.parameters(), before, full.parameters()):
+            step = p1.detach() - p0
+            want = p0 + s * step
+            slack = 1e-13 * (p0.abs() + step.abs()).max() / min([*scales, 1.0])
+            torch.testing.assert_close(p.detach(), want, rtol=0, atol=float(slack))
+    txn.abort()
+    for p, p0 in zip(model.parameters(), before):
+        assert torch.equal(p, p0)
+
+
+def test_planned_trials_never_write_or_copy_theta0():
+    # the parameters are pointed at buffers holding the trial points and back: the tensors that
+    # held θ0 are never written, and after the step is abandoned or taken each parameter holds
+    # its own storage again (the optimizer's step then writes it in place, as without curvopt)
+    model, opt = model_and_grads(6, lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1))
+    storage = [p.data_ptr() for p in model.parameters()]
+    aliases = [p.detach() for p in model.parameters()]
+    before = params_of(model)
+    txn = PlannedStep(opt, scaled_step(opt, 0.5))
+    txn.move(1.0)
+    txn.move(0.5)
+    for p, alias, p0, ptr in zip(model.parameters(), aliases, before, storage):
+        assert p.data_ptr() != ptr
+        assert torch.equal(alias, p0)
+    txn.move(0.0)  # θ0 itself
+    for p, p0, ptr in zip(model.parameters(), before, storage):
+        assert p.data_ptr() == ptr and torch.equal(p, p0)
+    txn.move(0.25)
+    want, _ = reference(model, opt, 0.5, start=before)
+    txn.commit(0.5)
+    for p, w, ptr in zip(model.parameters(), want.parameters(), storage):
+        assert p.data_ptr() == ptr
+        assert torch.equal(p, w)
+
+
+def test_a_planned_step_whose_update_rule_returns_the_gradient_does_not_write_it():
+    # a rule may hand back a tensor that aliases the gradient (an SGD step at lr = -1 is −(−g));
+    # the trial point must then be formed in a buffer of its own
+    model, opt = model_and_grads(7, lambda ps: torch.optim.SGD(ps, lr=0.1))
+    grads = [p.grad.clone() for p in model.parameters()]
+    txn = PlannedStep(opt, scaled_step(opt, 1.0))
+    original = txn._deltas
+
+    def aliasing():
+        for p, start, _delta in original():
+            yield p, start, p.grad.detach()
+
+    txn._deltas = aliasing
+    txn.move(1.0)
+    txn.abort()
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
