@@ -16,8 +16,6 @@ numbers, so that :mod:`curvopt.fusion` can compile it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -58,23 +56,26 @@ def delta(
     exp_avg: Tensor | None,
     exp_avg_sq: Tensor | None,
     max_exp_avg_sq: Tensor | None,
-    lr: float,
     beta1: float,
     beta2: float,
     eps: float,
-    weight_decay: float,
-    decoupled: bool,
-    step: int,
+    root: float,
+    step_size: float,
+    l2: float,
+    decay: float,
 ) -> Tensor:
-    """Δ of Adam's step on loss gradient ``q`` from state already restricted to q's elements
-    (``step``: the steps taken so far)."""
-    if weight_decay and not decoupled:
-        q = q + weight_decay * param
+    """Δ of Adam's step on loss gradient ``q`` from state already restricted to q's elements.
+
+    ``root = √(1-β2^k)``, ``step_size = lr/(1-β1^k)`` (k the step being taken), ``l2`` the L2
+    coefficient and ``decay`` = lr·λ of decoupled decay (one of them 0): numbers computed once by
+    the caller, so that a compiled kernel does only elementwise arithmetic per element.
+    """
+    if l2:
+        q = q + l2 * param
     m, v = moments(q, exp_avg, exp_avg_sq, max_exp_avg_sq, beta1, beta2)
-    k = step + 1
-    out = m / denominator(v, math.sqrt(1 - beta2**k), eps) * (-lr / (1 - beta1**k))
-    if weight_decay and decoupled:
-        out = out - (lr * weight_decay) * param
+    out = m / denominator(v, root, eps) * (-step_size)
+    if decay:
+        out = out - decay * param
     return out
 
 

@@ -256,8 +256,8 @@ class _AdamState:
 
     def _delta(self, q: Tensor, rows: Rows) -> tuple[Any, ...]:
         """The arguments of :func:`~curvopt.optimizers.adam.delta` for ``q`` at ``rows``."""
-        return (q, *self._state(rows), self.lr, self.beta1, self.beta2, self.eps,
-                self.weight_decay, self.decoupled, self.step)  # fmt: skip
+        return (q, *self._state(rows), self.beta1, self.beta2, self.eps, self.root,
+                self.step_size, self.l2, self.decay)  # fmt: skip
 
 
 @dataclass
