@@ -4,6 +4,7 @@ forwards before and after the step, in float64."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -178,11 +179,12 @@ def assert_unchanged(model, opt, snap):
     assert str(opt.state_dict()) == snap[1]
 
 
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("name", ["adamw", "rmsprop"])
-def test_non_finite_gradients_mean_no_step(name):
+def test_non_finite_gradients_mean_no_step(name, bad):
     model, opt, x, actions, adv, keep = setup(5, OPTIMIZERS[name])
     before = backward(model, x, actions, adv, keep)
-    model.lm_head.weight.grad[0, 0] = float("inf")
+    model.lm_head.weight.grad[0, 0] = bad
     snap = snapshot(model, opt)
     with pytest.warns(RuntimeWarning, match="non-finite gradients"):
         stats = TrustRegion(1e-4, model, TRANSFORM).step(
