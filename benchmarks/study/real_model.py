@@ -175,10 +175,9 @@ def plot(result: dict, path: Path) -> None:
     """Seed-mean test accuracy of every variant with the min–max band of its seeds."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5), constrained_layout=True)
     accuracy_bands(ax, result, list(result["variants"]), COLOURS)
-    n = max((info["seeds"] for info in result["variants"].values()), default=0)
     ax.set(
         xlabel="training completions",
-        ylabel=f"test accuracy (greedy), mean and min–max of {n} seeds",
+        ylabel="test accuracy (greedy): seed mean, min–max",
         title=f"{result['model']}: GRPO, the paper's token rejection, the trust region",
         ylim=(0, 1),
     )

@@ -53,7 +53,10 @@ def accuracy_bands(ax: plt.Axes, result: dict, names: list[str], colours: dict[s
         lo = [min(p[c] for p in per) for c in x]
         hi = [max(p[c] for p in per) for c in x]
         colour = colours.get(name)
-        ax.plot(x, [a for _, a in info["mean_curve"]], color=colour, label=info["label"])
+        seeds = len(runs)
+        most = max(v["seeds"] for v in result["variants"].values())
+        label = info["label"] if seeds == most else f"{info['label']} ({seeds} of {most} seeds)"
+        ax.plot(x, [a for _, a in info["mean_curve"]], color=colour, label=label)
         ax.fill_between(x, lo, hi, color=colour, alpha=0.15, linewidth=0)
 
 
