@@ -135,3 +135,12 @@ def test_the_committed_study_has_the_fields_and_seeds_the_evidence_needs():
         seeds = {r["seed"] for r in result["runs"] if r["variant"] == name}
         assert len(seeds) >= 3, name
     assert "grpo-conservative" in {r["variant"] for r in result["runs"]}
+
+
+def test_the_reference_runs_only_its_seeds():
+    names = list(real_model.BY_NAME)
+    runs = real_model.plan([0, 1, 2], names, 1)
+    assert len(runs) == 10
+    assert [s for s, n in runs if n == "grpo-conservative"] == [0]
+    assert all(len([1 for s, n in runs if n == name]) == 3 for name in names[1:])
+    assert len(real_model.plan([0, 1, 2], names, 3)) == 12
