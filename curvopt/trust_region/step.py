@@ -92,10 +92,12 @@ def can_plan(optimizer: torch.optim.Optimizer) -> bool:
 class Transaction(ABC):
     """A step under trial: :meth:`move` to scales, then :meth:`commit` one or :meth:`abort`."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, *, copy_start: bool = True) -> None:
         self.params = optimizer_params(unwrap_optimizer(optimizer))
-        with torch.no_grad():
-            self._start = [_local(p).detach().clone() for p in self.params]
+        with torch.no_grad():  # θ0: copies, or aliases of the parameters' own tensors
+            self._start = [
+                _local(p).detach().clone() if copy_start else p.detach() for p in self.params
+            ]
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.scale = 0.0
 
@@ -145,13 +147,10 @@ class PlannedStep(Transaction):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, take_step: TakeStep) -> None:
-        self.optimizer = unwrap_optimizer(optimizer)
-        self.params = optimizer_params(self.optimizer)
         # θ0: aliases of the parameters' own tensors (no copy), which nothing here writes
-        self._start = [p.detach() for p in self.params]
-        self._index = {id(p): i for i, p in enumerate(self.params)}
+        super().__init__(optimizer, copy_start=False)
+        self.optimizer = unwrap_optimizer(optimizer)
         self.take_step = take_step
-        self.scale = 0.0
         self._held = 0.0
         # per parameter with a gradient: (parameter, θ0, trial buffer, Δθ or None)
         self._trials: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = None

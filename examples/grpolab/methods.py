@@ -35,19 +35,6 @@ __all__ = ["METHODS", "STATS", "Method", "candidate_memory"]
 #: what the per-step metrics keep of ``CAPO.stats`` (those present: some need options): CAPO's
 #: step statistics, with the window's token counts after the rejected fraction
 STATS = (*STEP_STATS[:1], "tokens", "kept_tokens", *STEP_STATS[1:])
-STATS = (
-    "rejected_frac",
-    "tokens",
-    "kept_tokens",
-    "objective_shift_mean",
-    "policy_shift_mean",
-    "policy_shift_realised",
-    "policy_shift_step_model",
-    "step_policy_shift",
-    "step_scale",
-    "step_rejected",
-    "trust_region_trials",
-)
 
 
 def _rejection(model: nn.Module, cfg: Config, bound: float | None) -> dict[str, Any]:
