@@ -106,9 +106,9 @@ def make_steps(model: torch.nn.Module, b: dict, device: torch.device) -> dict[st
     runs["_trials"] = lambda: {n: o.stats.get("trust_region_trials") for n, o in regions.items()}
 
     def calibrate() -> None:  # after a step of each: the active bound a share of the step's KL
-        regions["active"].max_policy_shift = ACTIVE_SHARE * regions["inactive"].stats[
-            "step_policy_shift"
-        ]
+        regions["active"].max_policy_shift = (
+            ACTIVE_SHARE * regions["inactive"].stats["step_policy_shift"]
+        )
 
     runs["_calibrate"] = calibrate
     return runs

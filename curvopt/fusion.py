@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MIN_ELEMENTS", "call"]
+__all__ = ["MIN_ELEMENTS", "call", "fuses"]
 
 MIN_ELEMENTS = 1 << 20
 _compiled: dict[Callable[..., Any], Callable[..., Any]] = {}
@@ -33,6 +33,11 @@ def _wanted(size: int) -> bool:
     if mode in ("1", "always", "true", "on"):
         return True
     return size >= MIN_ELEMENTS
+
+
+def fuses(size: int) -> bool:
+    """Whether work of ``size`` elements goes through ``torch.compile`` (see the module)."""
+    return not _broken and _wanted(size)
 
 
 def call(fn: Callable[..., Any], size: int, *args: Any) -> Any:

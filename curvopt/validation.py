@@ -216,11 +216,13 @@ def check_measured(inputs: Inputs, device: torch.device, head: nn.Module | None)
 
 def check_finite_logits(logits: Tensor | None, mask: Tensor) -> None:
     """``logits [B, T, V]`` (when given) are finite at the masked-in positions (``mask [B, T]``
-    bool): one pass of per-token extremes (both finite unless an entry is ±inf or NaN) instead of
-    an elementwise test."""
+    bool): per-token extremes (both finite unless an entry is ±inf or NaN; NaN propagates
+    through both) instead of an elementwise test. ``amax`` and ``amin`` separately: on CPU the
+    pair is about 3× faster over the last dimension than ``aminmax``."""
     if logits is None or logits.shape[-1] == 0:
         return
-    low, high = torch.aminmax(logits.detach(), dim=-1)
+    z = logits.detach()
+    low, high = z.amin(-1), z.amax(-1)
     if not (torch.isfinite(low[mask]).all() and torch.isfinite(high[mask]).all()):
         raise ValueError("logits: contains non-finite values at masked-in positions")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["delta", "denominator", "frozen_parts", "moments", "token_change"]
+__all__ = ["delta", "denominator", "frozen_parts", "moments", "point", "token_change"]
 
 
 def moments(
@@ -77,6 +77,28 @@ def delta(
     if decay:
         out = out - decay * param
     return out
+
+
+def point(
+    q: Tensor,
+    param: Tensor,
+    exp_avg: Tensor | None,
+    exp_avg_sq: Tensor | None,
+    max_exp_avg_sq: Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    root: float,
+    step_size: float,
+    l2: float,
+    decay: float,
+    scale: float,
+) -> Tensor:
+    """``param + scale·Δ``, Δ of :func:`delta` (same arguments, then the scale): a trial point of
+    the step in one pass (compiled, Δ is never written to memory)."""
+    step = delta(q, param, exp_avg, exp_avg_sq, max_exp_avg_sq, beta1, beta2, eps, root,
+                 step_size, l2, decay)  # fmt: skip
+    return param + step * scale
 
 
 def frozen_parts(

@@ -17,6 +17,7 @@ __all__ = [
     "OptimizerReader",
     "RuleSource",
     "group_of",
+    "loss_gradients",
     "planned_update",
     "read_rules",
     "unwrap_optimizer",
@@ -156,20 +157,31 @@ class OptimizerReader:
         return read_rules(self.optimizer, self.params, frozen=frozen, dtype=dtype)
 
 
-def planned_update(
+def loss_gradients(
     rules: Sequence[UpdateRule], params: Sequence[Tensor], optimizer: torch.optim.Optimizer
-) -> list[Tensor]:
-    """Δθ the optimizer is about to take: its update rule applied to each ``.grad`` (negated where
-    the group maximizes, as torch does). A parameter without a gradient is not stepped by torch
-    optimizers, so its Δ is 0."""
+) -> list[Tensor | None]:
+    """The loss gradient each rule steps on: ``.grad`` in the rule's dtype, negated where the
+    group maximizes (as torch does); None for a parameter without a gradient (torch optimizers
+    do not step it)."""
     maximize = {
         id(p): bool(g.get("maximize", False)) for g in optimizer.param_groups for p in g["params"]
     }
-    out = []
+    out: list[Tensor | None] = []
     for rule, p in zip(rules, params):
         if p.grad is None:
-            out.append(torch.zeros_like(p, dtype=rule.dtype))
+            out.append(None)
             continue
         g = p.grad.detach().to(rule.dtype)
-        out.append(rule.full(-g if maximize.get(id(p), False) else g))
+        out.append(-g if maximize.get(id(p), False) else g)
     return out
+
+
+def planned_update(
+    rules: Sequence[UpdateRule], params: Sequence[Tensor], optimizer: torch.optim.Optimizer
+) -> list[Tensor]:
+    """Δθ the optimizer is about to take: its update rule applied to each loss gradient
+    (:func:`loss_gradients`); 0 for a parameter without a gradient."""
+    return [
+        torch.zeros_like(p, dtype=rule.dtype) if q is None else rule.full(q)
+        for rule, p, q in zip(rules, params, loss_gradients(rules, params, optimizer))
+    ]

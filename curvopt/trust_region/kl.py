@@ -31,6 +31,9 @@ __all__ = ["HeadInput", "PolicyOutput", "policy_kl"]
 
 # Elements of the largest [tokens, vocabulary] block formed at once (2**22 float32 ≈ 16 MiB).
 BLOCK_ELEMENTS = 1 << 22
+# Where the logits exist and a block is a view of them, the fused pass forms no block-sized
+# temporaries: its blocks may be this much larger (fewer, longer calls).
+VIEW_BLOCK_FACTOR = 4
 # Tokens per head product when the logits are formed from a head's input states.
 HEAD_TOKENS = 512
 # Tokens with |E_π0[a]| above this are measured again about their mean change (below it the
@@ -211,6 +214,8 @@ def policy_kl(
     else:  # the logits exist already: whole rows
         width = vocab
     per_chunk = max(1, block_elements // width)
+    if width == vocab and fusion.fuses(block_elements * VIEW_BLOCK_FACTOR):
+        per_chunk *= VIEW_BLOCK_FACTOR
     for sl, span in _chunks((rows[0], rows[1]), per_chunk, views=width == vocab):
         at = (rows[0][sl], rows[1][sl])
         acts = actions[at].long()

@@ -4,9 +4,10 @@ The trust region evaluates the policy at ``θ0 + s·Δθ`` for a few scales ``s`
 step at one of them or abandons it. Two ways to get there:
 
 - :class:`PlannedStep`, for optimizers whose update curvopt computes exactly from their state and
-  the gradients (``torch.optim.SGD``, ``Adam``, ``AdamW``): ``Δθ`` is formed without stepping,
-  into a buffer per parameter that then holds the trial point; the parameters are pointed at the
-  buffers (``.data``, no copy) and back, so ``θ0`` is never written or copied. :meth:`commit`
+  the gradients (``torch.optim.SGD``, ``Adam``, ``AdamW``): the trial point ``θ0 + s·Δθ`` is
+  formed without stepping, into a buffer per parameter (for Adam in one pass, ``Δθ`` never
+  written); the parameters are pointed at the buffers (``.data``, no copy) and back, so ``θ0``
+  is never written or copied. :meth:`commit`
   lets the optimizer step from ``θ0`` with every learning rate × ``s`` — bit for bit the bare
   optimizer's step at that learning rate. Nothing is stepped until then, so abandoning costs
   nothing. Memory: one buffer per parameter (for a float32 parameter, its size; for a
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..optimizers import planned_update, read_rules, unwrap_optimizer
+from ..optimizers import UpdateRule, loss_gradients, read_rules, unwrap_optimizer
 from ..optimizers.support import CLOSED_FORM, recognised
 
 __all__ = ["PlannedStep", "TakenStep", "Transaction", "begin", "can_plan"]
@@ -50,15 +51,6 @@ def _local(t: Tensor) -> Tensor:
 
 def _sharded(t: Tensor) -> bool:
     return callable(getattr(t, "to_local", None))
-
-
-def _shares_memory(t: Tensor, p: Tensor) -> bool:
-    """Whether ``t`` lies in the storage of parameter ``p`` or of its gradient."""
-    at = t.untyped_storage().data_ptr()
-    grad = p.grad
-    return at == p.untyped_storage().data_ptr() or (
-        grad is not None and at == grad.untyped_storage().data_ptr()
-    )
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -155,18 +147,24 @@ class PlannedStep(Transaction):
         # per parameter with a gradient: (parameter, θ0, trial buffer, Δθ or None)
         self._trials: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] | None = None
 
-    def _deltas(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def _planned(self) -> Iterator[tuple[Tensor, Tensor, UpdateRule, Tensor]]:
+        """``(parameter, θ0, update rule, loss gradient)`` of each parameter with a gradient
+        (torch optimizers leave one without alone), the rule in the parameter's compute dtype;
+        the rules read the parameters (weight decay), so they are formed at θ0."""
         start = {id(p): s for p, s in zip(self.params, self._start)}
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for p in self.params:
-            if p.grad is not None:  # torch optimizers leave a parameter without gradient alone
+            if p.grad is not None:
                 by_dtype.setdefault(_compute_dtype(p), []).append(p)
         for dtype, ps in by_dtype.items():
-            # formed at θ0 (the rules read the parameters: weight decay), by the update rule of
-            # each parameter in its compute dtype
-            steps = read_rules(self.optimizer, ps, frozen=False, dtype=dtype)
-            for p, delta in zip(ps, planned_update(steps, ps, self.optimizer)):
-                yield p, start[id(p)], delta
+            rules = read_rules(self.optimizer, ps, frozen=False, dtype=dtype)
+            for p, rule, q in zip(ps, rules, loss_gradients(rules, ps, self.optimizer)):
+                assert q is not None
+                yield p, start[id(p)], rule, q
+
+    def _deltas(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for p, start, rule, q in self._planned():
+            yield p, start, rule.full(q)
 
     @torch.no_grad()
     def move(self, scale: float) -> None:
@@ -174,17 +172,15 @@ class PlannedStep(Transaction):
         if self._trials is None:
             self._trials = []
             self._held = scale or 1.0  # the scale the buffers hold
-            for p, start, delta in self._deltas():
-                if delta.dtype == p.dtype:  # Δθ's buffer becomes the trial point's
-                    if _shares_memory(delta, p):
-                        delta = delta.clone()
-                    trial = torch.add(start, delta, alpha=self._held, out=delta)
-                    self._trials.append((p, start, trial, None))
-                else:
+            for p, start, rule, q in self._planned():
+                if rule.dtype == p.dtype:  # the trial point is the only buffer (one pass)
+                    self._trials.append((p, start, rule.point(q, start, self._held), None))
+                else:  # Δθ kept in the compute dtype; the trial point in the parameter's
+                    delta = rule.full(q)
                     trial = torch.empty_like(start)
-                    self._trials.append((p, start, trial, delta))
                     trial.copy_(start)
                     trial.add_(delta, alpha=self._held)
+                    self._trials.append((p, start, trial, delta))
         elif scale and scale != self._held:
             ratio = scale / self._held
             for _, start, trial, kept in self._trials:

@@ -277,6 +277,33 @@ def test_a_non_finite_kl_means_no_step_counted_and_warned(name):
     assert_state(model, opt, state)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_logits_at_kept_positions_raise_naming_them_before_any_change(bad):
+    model = tiny_qwen()
+    opt = curvopt.CAPO(torch.optim.AdamW(model.parameters(), lr=3e-2), model=model)
+    batch = completions(8)
+    state = state_of(model, opt)
+    logits = completion_logits(model, batch["ids"]).detach()
+    masked_out = (~batch["mask"]).nonzero()
+    if len(masked_out):  # a non-finite logit where the mask is off is no error
+        b, t = masked_out[0].tolist()
+        quiet = logits.clone()
+        quiet[b, t, 3] = bad
+        opt.select(None, batch["actions"], batch["advantages"], batch["mask"], logits=quiet,
+                   forward=lambda m: completion_logits(m, batch["ids"]))  # fmt: skip
+        opt = curvopt.CAPO(torch.optim.AdamW(model.parameters(), lr=3e-2), model=model)
+    b, t = batch["mask"].nonzero()[-1].tolist()
+    logits[b, t, 5] = bad
+    with pytest.raises(ValueError, match="logits: contains non-finite values"):
+        opt.select(None, batch["actions"], batch["advantages"], batch["mask"], logits=logits,
+                   forward=lambda m: completion_logits(m, batch["ids"]))  # fmt: skip
+    assert_state(model, opt, state)
+    opt.select(None, batch["actions"], batch["advantages"], batch["mask"],
+               logits=completion_logits(model, batch["ids"]),
+               forward=lambda m: completion_logits(m, batch["ids"]))  # fmt: skip
+    assert opt.stats["tokens"] == batch["mask"].sum()  # the failed call recorded nothing
+
+
 @pytest.mark.parametrize("empty", ["no rows", "no tokens"])
 def test_an_empty_micro_batch_is_a_no_op(empty):
     model = tiny_qwen()

@@ -7,6 +7,7 @@ import torch
 from helpers import TinyPolicy, make_batch, policy_loss
 
 from curvopt import CurvatureTracker, fusion
+from curvopt.optimizers import loss_gradients, read_rules
 
 
 @pytest.mark.parametrize(
@@ -43,3 +44,33 @@ def test_compiled_blocks_equal_eager_blocks(kw, monkeypatch):
     assert fusion._compiled and not fusion._broken  # the fused path did run
     for key in ("first_order", "second_order", "policy_shift"):
         torch.testing.assert_close(getattr(fused, key), getattr(eager, key), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("warm", [0, 2], ids=["first-step", "with-state"])
+@pytest.mark.parametrize("kind", ["adam-l2", "adamw-amsgrad"])
+def test_compiled_adam_trial_point_is_theta0_plus_the_optimizers_own_step(kind, warm, monkeypatch):
+    # a trial point θ0 + s·Δθ formed in one fused pass equals the eager one, and both equal the
+    # start plus s times the step the optimizer itself takes (float64)
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(300, 7, dtype=torch.float64))
+    if kind == "adam-l2":
+        opt = torch.optim.Adam([p], lr=1e-2, weight_decay=0.1)
+    else:
+        opt = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.1, amsgrad=True)
+    for _ in range(warm):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    p.grad = torch.randn_like(p)
+    rule = read_rules(opt, [p], frozen=False, dtype=torch.float64)[0]
+    (q,) = loss_gradients([rule], [p], opt)
+    start = p.detach().clone()
+    monkeypatch.setenv("CURVOPT_COMPILE", "0")
+    eager = rule.point(q, p.detach(), 0.37)
+    monkeypatch.setenv("CURVOPT_COMPILE", "1")
+    fused = rule.point(q, p.detach(), 0.37)
+    assert fusion._compiled and not fusion._broken  # the fused path did run
+    assert torch.equal(p.detach(), start)  # θ0 is read, never written
+    opt.step()
+    want = start + 0.37 * (p.detach() - start)
+    torch.testing.assert_close(fused, eager, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(eager, want, rtol=1e-12, atol=1e-14)
