@@ -6,8 +6,9 @@ One GRPO step is forward (completion logits, ``logits_to_keep``), loss, backward
 is timed bare and with ``CAPO(opt, model=model, max_policy_shift=b)`` for a bound that is never
 reached (*inactive*: one trial forward) and one a quarter of the unscaled step's KL (*active*:
 two or more, as where the bound binds in training), against
-the model's no-grad forward of the batch; all interleaved, medians of ``repeats``. The extra time
-of a trust-region step is ``(step with it − bare step) / forward``.
+the model's no-grad forward of the batch; all interleaved (the order rotated each round), medians
+of ``repeats``. The extra time of a trust-region step is ``(step with it − bare step) / forward``
+of the medians; each round's is kept too (``extra_forwards_rounds``), to show the spread.
 
 Peak memory is the rise of the resident set's high-water mark (CPU; CUDA: max allocated) over
 the model, optimizer state and gradients, for the bare step and for each trust-region step, in a
@@ -115,7 +116,9 @@ def make_steps(model: torch.nn.Module, b: dict, device: torch.device) -> dict[st
 
 
 def times(layers: int, n_tokens: int, device: torch.device, repeats: int) -> dict:
-    """Median seconds of each configuration, interleaved; trials of each trust-region step."""
+    """Median seconds of each configuration, interleaved (each round in an order rotated by one,
+    so that no configuration always follows the same one); trials of each trust-region step;
+    every round's seconds."""
     model = qwen(layers, device)
     runs = make_steps(model, batch(n_tokens, device), device)
     trials, calibrate = runs.pop("_trials"), runs.pop("_calibrate")
@@ -124,15 +127,21 @@ def times(layers: int, n_tokens: int, device: torch.device, repeats: int) -> dic
     calibrate()
     out: dict[str, list[float]] = {k: [] for k in runs}
     counts: dict[str, list[float]] = {name: [] for name in BOUNDS}
-    for _ in range(repeats):
-        for key, fn in runs.items():
+    keys = list(runs)
+    for r in range(repeats):
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
             start = time.perf_counter()
-            fn()
+            runs[key]()
             out[key].append(time.perf_counter() - start)
         for name, n in trials().items():
             counts[name].append(n)
     medians = {k: statistics.median(v) for k, v in out.items()}
-    return {"time_s": medians, "trials": {k: statistics.median(v) for k, v in counts.items()}}
+    return {
+        "time_s": medians,
+        "trials": {k: statistics.median(v) for k, v in counts.items()},
+        "rounds_s": out,
+    }
 
 
 def _vm(field: str) -> int:
@@ -189,6 +198,14 @@ def measure(layers: int, n_tokens: int, device: torch.device, repeats: int) -> d
     row["extra_forwards"] = {
         name: (t[f"step_{name}"] - t["step"]) / t["forward"] for name in BOUNDS
     }
+    rounds = row["rounds_s"]
+    row["extra_forwards_rounds"] = {  # the same, round by round: the spread
+        name: [
+            (x - s) / f
+            for x, s, f in zip(rounds[f"step_{name}"], rounds["step"], rounds["forward"])
+        ]
+        for name in BOUNDS
+    }
     try:
         row["peak_extra_bytes"] = peak_in_subprocess(layers, n_tokens, device)
     except subprocess.CalledProcessError as error:  # e.g. killed for memory: keep the times
@@ -212,4 +229,10 @@ def report(rows: dict[int, dict], n_tokens: int) -> str:
             f"{layers:>6} {t['forward']:>10.2f} {t['step']:>8.2f} {x['inactive']:>9.2f} "
             f"{x['active']:>7.2f} {row['trials']['active']!s:>7} {mem:>42}"
         )
+    for layers, row in rows.items():
+        spread = row.get("extra_forwards_rounds")
+        if spread:
+            lines.append(f"{layers} layers, round by round: " + "; ".join(
+                f"{name} {min(v):.2f}–{max(v):.2f}" for name, v in spread.items()
+            ))  # fmt: skip
     return "\n".join(lines)
