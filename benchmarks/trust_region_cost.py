@@ -8,7 +8,11 @@ reached (*inactive*: one trial forward) and one a quarter of the unscaled step's
 two or more, as where the bound binds in training), against
 the model's no-grad forward of the batch; all interleaved (the order rotated each round), medians
 of ``repeats``. The extra time of a trust-region step is ``(step with it − bare step) / forward``
-of the medians; each round's is kept too (``extra_forwards_rounds``), to show the spread.
+of the medians; each round's is kept too (``extra_forwards_rounds``), to show the spread. The
+time spent inside curvopt's own calls of each trust-region step (``select``, and ``CAPO.step``
+beyond the wrapped optimizer's step), over the forward, is ``extra_forwards_inside``: the same
+quantity without the noise of the step's forward and backward (but blind to any effect of the
+trust region on them).
 
 Peak memory is the rise of the resident set's high-water mark (CPU; CUDA: max allocated) over
 the model, optimizer state and gradients, for the bare step and for each trust-region step, in a
@@ -76,21 +80,45 @@ def make_steps(model: torch.nn.Module, b: dict, device: torch.device) -> dict[st
     def forward(m: torch.nn.Module) -> torch.Tensor:
         return completion_logits(m, b["ids"])
 
+    # seconds spent in curvopt during the last step: in select, and in CAPO.step outside the
+    # wrapped optimizer's own step (timed by its step hooks)
+    inside = {"s": 0.0}
+
+    def clock() -> float:
+        sync(device)
+        return time.perf_counter()
+
     def step(opt: torch.optim.Optimizer) -> None:
+        inside["s"] = 0.0
         logits = forward(model)
         keep = b["mask"]
         if isinstance(opt, curvopt.CAPO):
+            start = clock()
             keep = opt.select(
                 None, b["actions"], b["advantages"], b["mask"], logits=logits, forward=forward
             )
+            inside["s"] += clock() - start
         logp = torch.log_softmax(logits, -1).gather(-1, b["actions"].unsqueeze(-1)).squeeze(-1)
         (-(logp * b["advantages"][:, None] * keep).sum() / keep.sum()).backward()
+        start = clock()
         opt.step()
+        if isinstance(opt, curvopt.CAPO):
+            inside["s"] += clock() - start - own["s"]
         opt.zero_grad()
         sync(device)
 
     # one optimizer for every configuration (a trust-region step changes nothing but the scale)
     bare = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    own = {"s": 0.0, "start": 0.0}  # the bare optimizer's own step, by its hooks
+
+    def before_step(*_: object) -> None:
+        own["start"] = clock()
+
+    def after_step(*_: object) -> None:
+        own["s"] = clock() - own["start"]
+
+    bare.register_step_pre_hook(before_step)
+    bare.register_step_post_hook(after_step)
     regions = {
         name: curvopt.CAPO(bare, model=model, max_policy_shift=bound)
         for name, bound in BOUNDS.items()
@@ -105,6 +133,7 @@ def make_steps(model: torch.nn.Module, b: dict, device: torch.device) -> dict[st
     for name, opt in regions.items():
         runs[f"step_{name}"] = lambda opt=opt: step(opt)
     runs["_trials"] = lambda: {n: o.stats.get("trust_region_trials") for n, o in regions.items()}
+    runs["_inside"] = lambda: inside["s"]
 
     def calibrate() -> None:  # after a step of each: the active bound a share of the step's KL
         regions["active"].max_policy_shift = (
@@ -122,10 +151,12 @@ def times(layers: int, n_tokens: int, device: torch.device, repeats: int) -> dic
     model = qwen(layers, device)
     runs = make_steps(model, batch(n_tokens, device), device)
     trials, calibrate = runs.pop("_trials"), runs.pop("_calibrate")
+    inside = runs.pop("_inside")
     for fn in runs.values():
         fn()  # warm-up, and the optimizer's state
     calibrate()
     out: dict[str, list[float]] = {k: [] for k in runs}
+    spent: dict[str, list[float]] = {name: [] for name in BOUNDS}
     counts: dict[str, list[float]] = {name: [] for name in BOUNDS}
     keys = list(runs)
     for r in range(repeats):
@@ -134,6 +165,8 @@ def times(layers: int, n_tokens: int, device: torch.device, repeats: int) -> dic
             start = time.perf_counter()
             runs[key]()
             out[key].append(time.perf_counter() - start)
+            if key.startswith("step_"):
+                spent[key.removeprefix("step_")].append(inside())
         for name, n in trials().items():
             counts[name].append(n)
     medians = {k: statistics.median(v) for k, v in out.items()}
@@ -141,6 +174,7 @@ def times(layers: int, n_tokens: int, device: torch.device, repeats: int) -> dic
         "time_s": medians,
         "trials": {k: statistics.median(v) for k, v in counts.items()},
         "rounds_s": out,
+        "inside_s": spent,
     }
 
 
@@ -157,6 +191,7 @@ def peak(layers: int, n_tokens: int, device: torch.device) -> dict[str, int]:
     model = qwen(layers, device)
     runs = make_steps(model, batch(n_tokens, device), device)
     runs.pop("_trials")
+    runs.pop("_inside")
     calibrate = runs.pop("_calibrate")
     for fn in runs.values():
         fn()  # state allocated, compiled kernels warm
@@ -198,6 +233,12 @@ def measure(layers: int, n_tokens: int, device: torch.device, repeats: int) -> d
     row["extra_forwards"] = {
         name: (t[f"step_{name}"] - t["step"]) / t["forward"] for name in BOUNDS
     }
+    # the same from the time spent in curvopt's own calls within each trust-region step (select,
+    # and CAPO.step beyond the optimizer's step): free of the noise of the step's forward and
+    # backward, blind to any effect the trust region has on them
+    row["extra_forwards_inside"] = {
+        name: statistics.median(v) / t["forward"] for name, v in row["inside_s"].items()
+    }
     rounds = row["rounds_s"]
     row["extra_forwards_rounds"] = {  # the same, round by round: the spread
         name: [
@@ -234,5 +275,10 @@ def report(rows: dict[int, dict], n_tokens: int) -> str:
         if spread:
             lines.append(f"{layers} layers, round by round: " + "; ".join(
                 f"{name} {min(v):.2f}–{max(v):.2f}" for name, v in spread.items()
+            ))  # fmt: skip
+        inner = row.get("extra_forwards_inside")
+        if inner:
+            lines.append(f"{layers} layers, time inside curvopt's calls: " + "; ".join(
+                f"{name} {v:.2f}" for name, v in inner.items()
             ))  # fmt: skip
     return "\n".join(lines)
