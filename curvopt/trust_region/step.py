@@ -7,11 +7,11 @@ step at one of them or abandons it. Two ways to get there:
   the gradients (``torch.optim.SGD``, ``Adam``, ``AdamW``): the trial point ``θ0 + s·Δθ`` is
   formed without stepping, into a buffer per parameter (for Adam in one pass, ``Δθ`` never
   written); the parameters are pointed at the buffers (``.data``, no copy) and back, so ``θ0``
-  is never written or copied. :meth:`commit`
-  lets the optimizer step from ``θ0`` with every learning rate × ``s`` — bit for bit the bare
-  optimizer's step at that learning rate. Nothing is stepped until then, so abandoning costs
-  nothing. Memory: one buffer per parameter (for a float32 parameter, its size; for a
-  lower-precision one, ``Δθ`` in float32 beside the trial point).
+  is never written or copied. :meth:`commit` lets the optimizer step from ``θ0`` with every
+  learning rate × ``s`` — bit for bit the bare optimizer's step at that learning rate. Nothing
+  is stepped until then, so abandoning costs nothing. Memory: one buffer per parameter (for a
+  float32 parameter, its size; for a lower-precision one, ``Δθ`` in float32 beside the trial
+  point).
 - :class:`TakenStep`, for any other optimizer: it steps first, at full learning rate, with a copy
   of the parameters and of the optimizer's state kept aside; ``Δθ = θ1 − θ0`` and the step at
   scale ``s`` is ``θ0 + s·Δθ`` with the optimizer's state of the full step. For optimizers whose
