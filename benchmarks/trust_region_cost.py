@@ -100,6 +100,7 @@ def make_steps(model: torch.nn.Module, b: dict, device: torch.device) -> dict[st
             inside["s"] += clock() - start
         logp = torch.log_softmax(logits, -1).gather(-1, b["actions"].unsqueeze(-1)).squeeze(-1)
         (-(logp * b["advantages"][:, None] * keep).sum() / keep.sum()).backward()
+        own["s"] = 0.0  # stays 0 if the trust region does not take the step
         start = clock()
         opt.step()
         if isinstance(opt, curvopt.CAPO):
