@@ -16,6 +16,8 @@ numbers, so that :mod:`curvopt.fusion` can compile it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -79,26 +81,10 @@ def delta(
     return out
 
 
-def point(
-    q: Tensor,
-    param: Tensor,
-    exp_avg: Tensor | None,
-    exp_avg_sq: Tensor | None,
-    max_exp_avg_sq: Tensor | None,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    root: float,
-    step_size: float,
-    l2: float,
-    decay: float,
-    scale: float,
-) -> Tensor:
-    """``param + scale·Δ``, Δ of :func:`delta` (same arguments, then the scale): a trial point of
-    the step in one pass (compiled, Δ is never written to memory)."""
-    step = delta(q, param, exp_avg, exp_avg_sq, max_exp_avg_sq, beta1, beta2, eps, root,
-                 step_size, l2, decay)  # fmt: skip
-    return param + step * scale
+def point(scale: float, q: Tensor, param: Tensor, *rest: Any) -> Tensor:
+    """``param + scale·Δ``, Δ = ``delta(q, param, *rest)`` (:func:`delta`'s arguments after the
+    scale): a trial point of the step in one pass (compiled, Δ is never written to memory)."""
+    return param + delta(q, param, *rest) * scale
 
 
 def frozen_parts(

@@ -293,7 +293,7 @@ class AdamStep(_AdamState, UpdateRule):
     def point(self, q: Tensor, start: Tensor, scale: float) -> Tensor:
         # θ + s·Δ in one pass; the rule reads θ from its parameter, which must be ``start``
         assert start.data_ptr() == self.param.data_ptr() and start.dtype == self.dtype
-        return fusion.call(adam.point, q.numel(), *self._delta(q, None), scale)
+        return fusion.call(adam.point, q.numel(), scale, *self._delta(q, None))
 
     def restrict(self, rows: Rows = None) -> Restricted:
         return Restricted(self, rows, None, None)

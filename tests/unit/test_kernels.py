@@ -74,3 +74,14 @@ def test_compiled_adam_trial_point_is_theta0_plus_the_optimizers_own_step(kind, 
     want = start + 0.37 * (p.detach() - start)
     torch.testing.assert_close(fused, eager, rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(eager, want, rtol=1e-12, atol=1e-14)
+
+
+def test_fuses_says_whether_work_of_a_size_is_compiled(monkeypatch):
+    monkeypatch.setenv("CURVOPT_COMPILE", "0")
+    assert not fusion.fuses(1 << 30)
+    monkeypatch.setenv("CURVOPT_COMPILE", "1")
+    assert fusion.fuses(1)
+    monkeypatch.setenv("CURVOPT_COMPILE", "auto")
+    assert fusion.fuses(fusion.MIN_ELEMENTS) and not fusion.fuses(fusion.MIN_ELEMENTS - 1)
+    monkeypatch.setattr(fusion, "_broken", True)  # a compiler that failed: never again
+    assert not fusion.fuses(1 << 30)
