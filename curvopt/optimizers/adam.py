@@ -81,10 +81,12 @@ def delta(
     return out
 
 
-def point(scale: float, q: Tensor, param: Tensor, *rest: Any) -> Tensor:
-    """``param + scale·Δ``, Δ = ``delta(q, param, *rest)`` (:func:`delta`'s arguments after the
-    scale): a trial point of the step in one pass (compiled, Δ is never written to memory)."""
-    return param + delta(q, param, *rest) * scale
+def point(out: Tensor, scale: float, q: Tensor, param: Tensor, *rest: Any) -> None:
+    """Write ``param + scale·Δ`` into ``out``, Δ = ``delta(q, param, *rest)`` (:func:`delta`'s
+    arguments after the scale): a trial point of the step in one pass (compiled, Δ is never
+    written to memory and the sum is stored straight into ``out``, which must share memory with
+    no other argument)."""
+    out.copy_(param + delta(q, param, *rest) * scale)
 
 
 def frozen_parts(

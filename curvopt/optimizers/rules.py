@@ -91,11 +91,6 @@ def saturate(kind: str, q: Tensor, g: float | Tensor, reach: float | Tensor | No
     return q * g
 
 
-def _overlaps(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` and ``b`` lie in the same storage."""
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
 @dataclass
 class Restricted:
     """An update rule on a set of rows, with its coefficient and drift computed there once.
@@ -143,15 +138,12 @@ class UpdateRule(ABC):
         """Δ of the whole parameter for loss gradient ``q`` (fused where it pays)."""
         return self(q)
 
-    def point(self, q: Tensor, start: Tensor, scale: float) -> Tensor:
-        """``start + scale·Δ(q)`` for the whole parameter, in a tensor of its own (``start``:
-        the parameter's value, in the rule's dtype). Here Δ is formed, then the sum taken into
-        its buffer (into a new one where Δ shares memory with ``q`` or ``start``: a rule may
-        hand back its input); rules that can, form it in one pass."""
-        step = self.full(q)
-        if _overlaps(step, q) or _overlaps(step, start):
-            step = step.clone()
-        return torch.add(start, step, alpha=scale, out=step)
+    def point(self, q: Tensor, start: Tensor, scale: float, out: Tensor) -> Tensor:
+        """Write ``start + scale·Δ(q)`` for the whole parameter into ``out`` and return it
+        (``start``: the parameter's value, in the rule's dtype; ``out``: of its shape and dtype,
+        sharing memory with nothing the rule reads). Here Δ is formed, then the sum taken into
+        ``out``; rules that can, form it in one pass."""
+        return torch.add(start, self.full(q), alpha=scale, out=out)
 
     def on_rows(self, part: Restricted, q: Tensor) -> Tensor:
         """Δ for ``q`` on ``part``'s rows, from its precomputed coefficient and drift."""
@@ -290,10 +282,11 @@ class AdamStep(_AdamState, UpdateRule):
         # a whole parameter, elementwise: fused when large
         return fusion.call(adam.delta, q.numel(), *self._delta(q, None))
 
-    def point(self, q: Tensor, start: Tensor, scale: float) -> Tensor:
+    def point(self, q: Tensor, start: Tensor, scale: float, out: Tensor) -> Tensor:
         # θ + s·Δ in one pass; the rule reads θ from its parameter, which must be ``start``
         assert start.data_ptr() == self.param.data_ptr() and start.dtype == self.dtype
-        return fusion.call(adam.point, q.numel(), scale, *self._delta(q, None))
+        fusion.call(adam.point, q.numel(), out, scale, *self._delta(q, None))
+        return out
 
     def restrict(self, rows: Rows = None) -> Restricted:
         return Restricted(self, rows, None, None)

@@ -38,7 +38,7 @@ from torch import Tensor
 from ..optimizers import UpdateRule, loss_gradients, read_rules, unwrap_optimizer
 from ..optimizers.support import CLOSED_FORM, recognised
 
-__all__ = ["PlannedStep", "TakenStep", "Transaction", "begin", "can_plan"]
+__all__ = ["PlannedStep", "TakenStep", "Transaction", "begin", "can_plan", "trial_buffers"]
 
 TakeStep = Callable[[float], Any]
 
@@ -172,12 +172,13 @@ class PlannedStep(Transaction):
         if self._trials is None:
             self._trials = []
             self._held = scale or 1.0  # the scale the buffers hold
+            buffers = trial_buffers([p for p in self.params if p.grad is not None])
             for p, start, rule, q in self._planned():
+                trial = buffers[id(p)]
                 if rule.dtype == p.dtype:  # the trial point is the only buffer (one pass)
-                    self._trials.append((p, start, rule.point(q, start, self._held), None))
+                    self._trials.append((p, start, rule.point(q, start, self._held, trial), None))
                 else:  # Δθ kept in the compute dtype; the trial point in the parameter's
                     delta = rule.full(q)
-                    trial = torch.empty_like(start)
                     trial.copy_(start)
                     trial.add_(delta, alpha=self._held)
                     self._trials.append((p, start, trial, delta))
@@ -207,6 +208,39 @@ class PlannedStep(Transaction):
             p.data = start
         self._trials = None  # the buffers are freed before the optimizer steps
         self.scale = 0.0
+
+
+#: where trial buffers start within their shared allocation (bytes)
+ALIGNMENT = 64
+
+
+def trial_buffers(params: list[Tensor]) -> dict[int, Tensor]:
+    """An uninitialised buffer like each of ``params`` (by ``id``), contiguous.
+
+    On the CPU they are carved out of one allocation per dtype, each starting on an
+    ``ALIGNMENT``-byte boundary: one allocation and one release of the whole instead of one per
+    parameter, and the trial forwards then run as fast as forwards on the parameters themselves
+    (trial points in hundreds of separate allocations made them measurably slower). Elsewhere
+    each is allocated on its own: a caching allocator (CUDA) reuses blocks of those sizes, where
+    one block of every parameter's size at once could fragment its pool.
+    """
+    out: dict[int, Tensor] = {}
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for p in params:
+        if p.device.type == "cpu":
+            groups.setdefault(p.dtype, []).append(p)
+        else:
+            out[id(p)] = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+    for dtype, ps in groups.items():
+        step = max(1, ALIGNMENT // ps[0].element_size())
+        offsets, total = [], 0
+        for p in ps:
+            offsets.append(total)
+            total += -(-p.numel() // step) * step
+        flat = torch.empty(total, dtype=dtype)
+        for p, offset in zip(ps, offsets):
+            out[id(p)] = flat[offset : offset + p.numel()].view(p.shape)
+    return out
 
 
 class TakenStep(Transaction):

@@ -65,9 +65,11 @@ def test_compiled_adam_trial_point_is_theta0_plus_the_optimizers_own_step(kind, 
     (q,) = loss_gradients([rule], [p], opt)
     start = p.detach().clone()
     monkeypatch.setenv("CURVOPT_COMPILE", "0")
-    eager = rule.point(q, p.detach(), 0.37)
+    eager = rule.point(q, p.detach(), 0.37, torch.empty_like(start))
     monkeypatch.setenv("CURVOPT_COMPILE", "1")
-    fused = rule.point(q, p.detach(), 0.37)
+    buffer = torch.full((p.numel() + 16,), torch.nan, dtype=p.dtype)
+    fused = rule.point(q, p.detach(), 0.37, buffer[16:].view(p.shape))  # into a view, offset
+    assert fused.data_ptr() == buffer[16:].data_ptr() and buffer[:16].isnan().all()
     assert fusion._compiled and not fusion._broken  # the fused path did run
     assert torch.equal(p.detach(), start)  # θ0 is read, never written
     opt.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -12,7 +13,14 @@ from problems import make_optimizer, optimizer_configs, warm_up
 from torch import nn
 
 from curvopt.optimizers import AffineStep
-from curvopt.trust_region.step import PlannedStep, TakenStep, begin, can_plan
+from curvopt.trust_region.step import (
+    ALIGNMENT,
+    PlannedStep,
+    TakenStep,
+    begin,
+    can_plan,
+    trial_buffers,
+)
 
 F64 = torch.float64
 
@@ -259,6 +267,27 @@ def test_planned_trials_never_write_or_copy_theta0():
     for p, w, ptr in zip(model.parameters(), want.parameters(), storage):
         assert p.data_ptr() == ptr
         assert torch.equal(p, w)
+
+
+def test_trial_buffers_on_the_cpu_share_one_aligned_allocation_per_dtype():
+    # one allocation per dtype, each buffer contiguous, of its parameter's shape and dtype,
+    # starting on an ALIGNMENT-byte boundary, and no two overlapping
+    params = [
+        torch.zeros(3, 5), torch.zeros(7, dtype=F64), torch.zeros(2, 2, 2),
+        torch.zeros(()), torch.zeros(0, 4), torch.zeros(9, dtype=F64).t(),
+    ]  # fmt: skip
+    out = trial_buffers(params)
+    assert set(out) == {id(p) for p in params}
+    spans = {}
+    for p in params:
+        b = out[id(p)]
+        assert b.shape == p.shape and b.dtype == p.dtype and b.is_contiguous()
+        assert b.data_ptr() % ALIGNMENT == 0 or b.numel() == 0
+        base = b.untyped_storage().data_ptr()
+        assert spans.setdefault(p.dtype, base) == base  # one storage per dtype
+    f32 = sorted((out[id(p)].data_ptr(), out[id(p)].numel() * 4) for p in params[:5:2])
+    for (a, n), (b, _) in itertools.pairwise(f32):
+        assert a + n <= b
 
 
 def test_a_planned_step_whose_update_rule_returns_the_gradient_does_not_write_it(monkeypatch):
