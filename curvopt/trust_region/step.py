@@ -6,7 +6,7 @@ step at one of them or abandons it. Two ways to get there:
 - :class:`PlannedStep`, for optimizers whose update curvopt computes exactly from their state and
   the gradients (``torch.optim.SGD``, ``Adam``, ``AdamW``): the trial point ``θ0 + s·Δθ`` is
   formed without stepping, into a buffer per parameter (for Adam in one pass, ``Δθ`` never
-  written); the parameters are pointed at the buffers (``.data``, no copy) and back, so ``θ0``
+  written; on the CPU the buffers share one allocation, :func:`trial_buffers`); the parameters are pointed at the buffers (``.data``, no copy) and back, so ``θ0``
   is never written or copied. :meth:`commit` lets the optimizer step from ``θ0`` with every
   learning rate × ``s`` — bit for bit the bare optimizer's step at that learning rate. Nothing
   is stepped until then, so abandoning costs nothing. Memory: one buffer per parameter (for a
