@@ -6,12 +6,12 @@ step at one of them or abandons it. Two ways to get there:
 - :class:`PlannedStep`, for optimizers whose update curvopt computes exactly from their state and
   the gradients (``torch.optim.SGD``, ``Adam``, ``AdamW``): the trial point ``θ0 + s·Δθ`` is
   formed without stepping, into a buffer per parameter (for Adam in one pass, ``Δθ`` never
-  written; on the CPU the buffers share one allocation, :func:`trial_buffers`); the parameters are pointed at the buffers (``.data``, no copy) and back, so ``θ0``
-  is never written or copied. :meth:`commit` lets the optimizer step from ``θ0`` with every
-  learning rate × ``s`` — bit for bit the bare optimizer's step at that learning rate. Nothing
-  is stepped until then, so abandoning costs nothing. Memory: one buffer per parameter (for a
-  float32 parameter, its size; for a lower-precision one, ``Δθ`` in float32 beside the trial
-  point).
+  written; on the CPU the buffers share one allocation, :func:`trial_buffers`); the parameters
+  are pointed at the buffers (``.data``, no copy) and back, so ``θ0`` is never written or
+  copied. :meth:`commit` lets the optimizer step from ``θ0`` with every learning rate × ``s`` —
+  bit for bit the bare optimizer's step at that learning rate. Nothing is stepped until then, so
+  abandoning costs nothing. Memory: one buffer per parameter (for a float32 parameter, its size;
+  for a lower-precision one, ``Δθ`` in float32 beside the trial point).
 - :class:`TakenStep`, for any other optimizer: it steps first, at full learning rate, with a copy
   of the parameters and of the optimizer's state kept aside; ``Δθ = θ1 − θ0`` and the step at
   scale ``s`` is ``θ0 + s·Δθ`` with the optimizer's state of the full step. For optimizers whose
@@ -220,9 +220,10 @@ def trial_buffers(params: list[Tensor]) -> dict[int, Tensor]:
     On the CPU they are carved out of one allocation per dtype, each starting on an
     ``ALIGNMENT``-byte boundary: one allocation and one release of the whole instead of one per
     parameter, and the trial forwards then run as fast as forwards on the parameters themselves
-    (trial points in hundreds of separate allocations made them measurably slower). Elsewhere
-    each is allocated on its own: a caching allocator (CUDA) reuses blocks of those sizes, where
-    one block of every parameter's size at once could fragment its pool.
+    (trial points in hundreds of separate allocations made them measurably slower; see
+    docs/performance.md). Elsewhere each is allocated on its own: a caching allocator (CUDA)
+    reuses blocks of those sizes, where one block the size of all the parameters together could
+    fragment its pool.
     """
     out: dict[int, Tensor] = {}
     groups: dict[torch.dtype, list[Tensor]] = {}
