@@ -238,7 +238,7 @@ def trial_buffers(params: list[Tensor]) -> dict[int, Tensor]:
         for p in ps:
             offsets.append(total)
             total += -(-p.numel() // step) * step
-        flat = torch.empty(total, dtype=dtype)
+        flat = torch.empty(total, dtype=dtype, device="cpu")
         for p, offset in zip(ps, offsets):
             out[id(p)] = flat[offset : offset + p.numel()].view(p.shape)
     return out

@@ -288,6 +288,8 @@ def test_trial_buffers_on_the_cpu_share_one_aligned_allocation_per_dtype():
     f32 = sorted((out[id(p)].data_ptr(), out[id(p)].numel() * 4) for p in params[:5:2])
     for (a, n), (b, _) in itertools.pairwise(f32):
         assert a + n <= b
+    with torch.device("meta"):  # a default device elsewhere: the buffers stay on the CPU
+        assert trial_buffers(params[:1])[id(params[0])].device.type == "cpu"
 
 
 def test_a_planned_step_whose_update_rule_returns_the_gradient_does_not_write_it(monkeypatch):
