@@ -274,7 +274,7 @@ def test_trial_buffers_on_the_cpu_share_one_aligned_allocation_per_dtype():
     # starting on an ALIGNMENT-byte boundary, and no two overlapping
     params = [
         torch.zeros(3, 5), torch.zeros(7, dtype=F64), torch.zeros(2, 2, 2),
-        torch.zeros(()), torch.zeros(0, 4), torch.zeros(9, dtype=F64).t(),
+        torch.zeros(()), torch.zeros(0, 4), torch.zeros(3, 4, dtype=F64).t(),
     ]  # fmt: skip
     out = trial_buffers(params)
     assert set(out) == {id(p) for p in params}
@@ -290,6 +290,8 @@ def test_trial_buffers_on_the_cpu_share_one_aligned_allocation_per_dtype():
         assert a + n <= b
     with torch.device("meta"):  # a default device elsewhere: the buffers stay on the CPU
         assert trial_buffers(params[:1])[id(params[0])].device.type == "cpu"
+    elsewhere = torch.zeros(2, 3, device="meta")  # off the CPU: a buffer of its own
+    assert trial_buffers([elsewhere])[id(elsewhere)].device.type == "meta"
 
 
 def test_a_planned_step_whose_update_rule_returns_the_gradient_does_not_write_it(monkeypatch):
